@@ -1,0 +1,21 @@
+"""flatminima: training into flat minima (SAM family, random weight perturbation, diagnostics).
+
+    import flatminima as fm
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    loss = opt.step(closure)          # closure(): forward + backward, returns the loss
+"""
+
+from . import schedules
+from .methods import (AESAM, ASAM, GASAM, SAM, SSAM, Base, LayerSAM, LookSAM, MultiStepSAM, RandomSearchSAM,
+                      StochasticSAM, available, create, get, hyperparameters, register)
+from .optim import FlatOptimizer, Pass
+from .engine import StepResult, TrainStep, train_step
+from .scale import Scale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AESAM", "ASAM", "Base", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
+    "RandomSearchSAM", "SAM", "SSAM", "Scale", "StochasticSAM", "available", "create", "get", "hyperparameters",
+    "register", "schedules", "StepResult", "TrainStep", "train_step",
+]

@@ -1,0 +1,181 @@
+"""Functional core: the tensor-list kernels every method is built from.
+
+Each kernel works on lists of tensors (one entry per parameter) with ``torch._foreach_*`` ops, so a
+step launches a handful of kernels however many parameters the model has, and keeps every reduction
+on the device (no ``.item()``: no host sync in the hot path). Reductions are done in float32 (or
+float64 for float64 inputs) whatever the parameter dtype.
+
+``flatminima._reference`` holds the same kernels written as plain per-tensor loops; the tests check
+that both agree in float64.
+
+Notation (DESIGN.md §3): ``g`` the gradients, ``T`` a per-element scale (a list whose entries are
+``None`` for ``T = 1``, a 0-dim tensor for a per-tensor scale, or a tensor broadcastable to the
+parameter), ``p`` the norm of the perturbation ball and ``q = p/(p-1)`` its dual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+TensorList = list[Tensor]
+ScaleList = Sequence[Optional[Tensor]]
+
+#: Smallest norm we divide by. Zero gradients give a zero perturbation instead of NaN; any
+#: non-degenerate norm is used exactly, so closed-form tests hold to rounding.
+TINY = 1e-12
+
+
+def reduction_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def tensor_norms(tensors: Sequence[Tensor], p: float = 2.0) -> TensorList:
+    """Per-tensor ``‖t‖_p`` as 0-dim tensors in the reduction dtype (one fused launch per dtype)."""
+    if not tensors:
+        return []
+    dtype = reduction_dtype(tensors[0])
+    if p == math.inf:
+        return [n.to(dtype) for n in torch._foreach_norm(tensors, math.inf)]
+    return list(torch._foreach_norm(tensors, p, dtype=dtype))
+
+
+def combine_norms(norms: Sequence[Tensor], p: float = 2.0) -> Tensor:
+    """``‖(n_1, …, n_k)‖_p``: the global p-norm from per-tensor p-norms (also over devices/ranks)."""
+    device = norms[0].device
+    stacked = torch.stack([n.to(device) for n in norms])
+    return torch.linalg.vector_norm(stacked, p)
+
+
+def global_norm(tensors: Sequence[Tensor], p: float = 2.0) -> Tensor:
+    """``‖concat(tensors)‖_p`` without concatenating."""
+    return combine_norms(tensor_norms(tensors, p), p)
+
+
+def _norms(tensors: Sequence[Tensor], p: float, per_tensor: bool) -> TensorList:
+    """Norms to normalize by: one per tensor, or the global norm repeated."""
+    norms = tensor_norms(tensors, p)
+    if per_tensor:
+        return norms
+    total = combine_norms(norms, p)
+    return [total] * len(tensors)
+
+
+def _cast(scalars: Sequence[Tensor], like: Sequence[Tensor]) -> TensorList:
+    return [s.to(t.dtype) for s, t in zip(scalars, like)]
+
+
+def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False) -> TensorList:
+    """The unit-``p``-norm direction ``d`` that maximises ``dᵀx``.
+
+    ``d = sign(x)·|x|^{q−1} / ‖x‖_q^{q−1}`` with ``1/p + 1/q = 1`` (Foret et al. 2021, eq. 2):
+    ``x/‖x‖₂`` for ``p = 2``, ``sign(x)`` for ``p = ∞``, and for ``p = 1`` the mass split evenly
+    over the entries of largest ``|x|``. ``per_tensor`` normalizes each tensor on its own
+    (SAM-LoRA's separate A/B normalization, seed 000) instead of over the whole list.
+    """
+    x = list(x)
+    if not x:
+        return []
+    if p == 2:
+        norms = _norms(x, 2.0, per_tensor)
+        return list(torch._foreach_div(x, _cast([n.clamp_min(TINY) for n in norms], x)))
+    if p == math.inf:
+        return list(torch._foreach_sign(x))
+    if p == 1:
+        absx = torch._foreach_abs(x)
+        peaks = _norms(x, math.inf, per_tensor)
+        masks = [(a == m.to(a.dtype)) & (m > 0) for a, m in zip(absx, peaks)]
+        counts = [m.sum(dtype=reduction_dtype(a)) for m, a in zip(masks, x)]
+        if not per_tensor:
+            total = torch.stack([c.to(counts[0].device) for c in counts]).sum()
+            counts = [total] * len(x)
+        signs = torch._foreach_sign(x)
+        return [s * m / c.clamp_min(1).to(s.dtype) for s, m, c in zip(signs, masks, counts)]
+    q = p / (p - 1.0)
+    norms = _norms(x, q, per_tensor)
+    mags = torch._foreach_pow(torch._foreach_abs(x), q - 1.0)
+    torch._foreach_mul_(mags, torch._foreach_sign(x))
+    denominators = [n.clamp_min(TINY) ** (q - 1.0) for n in norms]
+    return list(torch._foreach_div(mags, _cast(denominators, mags)))
+
+
+def ascent_direction(grads: Sequence[Tensor], scale: ScaleList, p: float, per_tensor: bool = False) -> TensorList:
+    """``T ⊙ dual(T ⊙ g)``: the maximiser of ``uᵀg`` over ``‖T⁻¹u‖_p ≤ 1``.
+
+    Multiplied by ρ this is SAM's ``ρ·g/‖g‖`` for ``T = 1`` and ``ρ·T²g/‖Tg‖₂`` (ASAM, Layer-SAM,
+    GA-SAM eq. 15) for ``p = 2``.
+    """
+    tg = _mul(grads, scale)
+    direction = dual_direction(tg, p, per_tensor)
+    return _mul_(direction, scale)
+
+
+def _mul(xs: Sequence[Tensor], scale: ScaleList) -> TensorList:
+    """``x ⊙ T`` out of place (``T`` broadcast per tensor; ``None`` entries mean 1)."""
+    if all(s is None for s in scale):
+        return list(xs)
+    if all(s is not None for s in scale):
+        return list(torch._foreach_mul(list(xs), list(scale)))
+    return [x if s is None else x * s for x, s in zip(xs, scale)]
+
+
+def _mul_(xs: TensorList, scale: ScaleList) -> TensorList:
+    """``x ⊙= T`` in place."""
+    if all(s is not None for s in scale) and xs:
+        torch._foreach_mul_(xs, list(scale))
+        return xs
+    for x, s in zip(xs, scale):
+        if s is not None:
+            x.mul_(s)
+    return xs
+
+
+def scale_by_group(tensors: TensorList, factors: Sequence[float | Tensor], group_index: Sequence[int]) -> TensorList:
+    """In place ``t_j *= factors[group_index[j]]`` with one foreach launch per parameter group."""
+    by_group: dict[int, list[int]] = {}
+    for j, gi in enumerate(group_index):
+        by_group.setdefault(gi, []).append(j)
+    for gi, idx in by_group.items():
+        torch._foreach_mul_([tensors[j] for j in idx], factors[gi])
+    return tensors
+
+
+def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p: float, per_tensor: bool = False) -> TensorList:
+    """In place projection onto ``{a : ‖T⁻¹a‖_p ≤ ε}`` (GA-SAM eqs. 17–18).
+
+    L2: ``a·min(‖T⁻¹a‖₂, ε)/‖T⁻¹a‖₂``; L∞: ``T·clip(T⁻¹a, −ε, ε)``. ``radius`` is ε per tensor.
+    """
+    if p == math.inf:
+        for x, s, r in zip(a, scale, radius):
+            if s is None:
+                x.clamp_(-r, r)
+            else:
+                # ε·T bounds each entry; for T > 0 this is exactly T·clip(T⁻¹a, −ε, ε).
+                bound = r * s
+                x.copy_(torch.minimum(torch.maximum(x, -bound), bound))
+        return a
+    if p != 2:
+        raise ValueError(f"projection is defined for norm 2 or inf, got {p}")
+    inv = [None if s is None else 1.0 / s.clamp_min(TINY) for s in scale]
+    norms = _norms(_mul(a, inv), 2.0, per_tensor)
+    factors = [torch.clamp(r / n.clamp_min(TINY), max=1.0) for n, r in zip(norms, radius)]
+    torch._foreach_mul_(a, _cast(factors, a))
+    return a
+
+
+def clone(tensors: Sequence[Tensor]) -> TensorList:
+    """Bit-exact copies (the pre-perturbation weights that ``restore`` copies back)."""
+    out = [torch.empty_like(t) for t in tensors]
+    if out:
+        torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+    """Copy the saved weights back: exact, unlike ``w + ε − ε``."""
+    if params:
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), list(saved))

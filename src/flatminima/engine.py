@@ -1,0 +1,200 @@
+"""The training-step engine (DESIGN.md §4): one optimizer step over a window of micro-batches.
+
+:class:`TrainStep` runs the passes a method's plan asks for (:class:`~flatminima.optim.Pass`) with
+
+* gradient accumulation over N micro-batches: the clean pass runs over all N (each loss divided by
+  N); the perturbed passes run on the last micro-batch only (``accumulation="last"``, seed 000's
+  scheme; its loss is not divided, so its gradient has the window's normalisation) or over all N
+  (``accumulation="full"``, exact, twice the cost). Forward-only probes run over all N so that
+  their losses compare with the clean one;
+* AMP: ``autocast_dtype`` (bf16 needs nothing else) and an fp16 ``GradScaler``: every pass's
+  gradients are unscaled once, right after it (norms and ε need true gradients); an inf/NaN in
+  any pass, on any rank, skips the whole step: weights, optimizer state and method state untouched;
+* DDP: passes that only feed a per-rank perturbation run under ``no_sync()``; the descent pass
+  syncs once (per-rank ε is m-sharpness; ``sync_perturbation=True`` on the method shares ε);
+* BatchNorm: running statistics move with the clean pass only (``bn="clean"``: buffers are
+  snapshotted before the first perturbed pass and copied back after the step, so ``momentum=None``
+  and ``num_batches_tracked`` stay right), with every pass (``"all"``) or never (``"frozen"``);
+* clipping of the final descent gradient (``max_grad_norm``).
+
+The weights the base optimizer updates are bit-for-bit those from before the step's perturbations,
+also when a pass raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .methods import Base
+from .optim import FlatOptimizer, Pass, check
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+@dataclass
+class StepResult:
+    """``loss``: the clean loss of the window (a 0-dim tensor, not synced to the host).
+    ``skipped``: True when AMP found inf/NaN and the step was skipped (None without a scaler).
+    ``grad_norm``: the descent gradient's norm before clipping (when ``max_grad_norm`` is set)."""
+
+    loss: Tensor
+    skipped: Optional[bool] = None
+    grad_norm: Optional[Tensor] = None
+
+
+def _running_stat_buffers(model: nn.Module) -> list[Tensor]:
+    buffers = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            buffers += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    return buffers
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def record_unscaled(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """Tell ``scaler`` that ``optimizer``'s gradients are already unscaled, with ``found_inf``.
+
+    ``GradScaler.unscale_`` may run once per step, but a method's step has several passes whose
+    gradients must each be unscaled before ε is formed; we unscale them ourselves with the same
+    kernel and record the result where ``scaler.step``/``update`` read it.
+    """
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    state["stage"] = OptState.UNSCALED
+    state["found_inf_per_device"] = {found_inf.device: found_inf}
+
+
+class TrainStep:
+    """``step = TrainStep(model, opt, loss_fn, ...); result = step(micro_batches)``.
+
+    ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. ``optimizer`` is a flatminima
+    method or a plain ``torch.optim.Optimizer`` (run as the base method).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
+                 accumulation: str = "last", scaler: Optional["torch.amp.GradScaler"] = None,
+                 autocast_dtype: Optional[torch.dtype] = None, bn: str = "clean",
+                 max_grad_norm: Optional[float] = None):
+        check("accumulation", accumulation in ("last", "full"), accumulation, "'last' or 'full'")
+        check("bn", bn in ("clean", "all", "frozen"), bn, "'clean', 'all' or 'frozen'")
+        check("autocast_dtype", autocast_dtype in (None, torch.float16, torch.bfloat16), autocast_dtype,
+              "None, torch.float16 or torch.bfloat16")
+        if max_grad_norm is not None:
+            check("max_grad_norm", isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0, max_grad_norm,
+                  "None or a float > 0")
+        if not isinstance(optimizer, FlatOptimizer):
+            optimizer = Base(optimizer)
+        if _is_ddp(model) and model.gradient_as_bucket_view and optimizer.combination.uses_clean:
+            raise ValueError(f"{type(optimizer).__name__} keeps the clean gradient across passes, which DDP's "
+                             "gradient_as_bucket_view=True overwrites: build DDP with gradient_as_bucket_view=False")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.accumulation, self.scaler, self.autocast_dtype, self.bn = accumulation, scaler, autocast_dtype, bn
+        self.max_grad_norm = max_grad_norm
+        self._stat_buffers = _running_stat_buffers(model)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast_dtype)
+
+    def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
+        return [(b, b.detach().clone()) for b in self._stat_buffers]
+
+    def _unscale(self, found_inf: Tensor) -> None:
+        """Unscale this pass's gradients in place, OR-ing inf/NaN into ``found_inf``."""
+        inv_scale = self.scaler._scale.double().reciprocal().float()
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in self.optimizer.all_params_with_grad():
+            by_device.setdefault(p.grad.device, []).append(p.grad)
+        for device, grads in by_device.items():
+            flag = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv_scale.to(device))
+            found_inf.add_(flag.to(found_inf.device))
+
+    # -- one pass ----------------------------------------------------------------------------
+    def _run_pass(self, request: Pass, micro_batches: Sequence[Any], found_inf: Optional[Tensor]) -> Tensor:
+        n = len(micro_batches)
+        if request.role == "perturbed" and self.accumulation == "last":
+            batches, weight = micro_batches[-1:], 1.0
+        else:
+            batches, weight = micro_batches, 1.0 / n
+        ddp = _is_ddp(self.model)
+        total = None
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            no_sync = ddp and request.backward and not (request.sync and last)
+            with (self.model.no_sync() if no_sync else contextlib.nullcontext()):
+                with torch.set_grad_enabled(request.backward), self._autocast():
+                    loss = self.loss_fn(self.model, batch) * weight
+                if request.backward:
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss = loss.detach().float()
+            total = loss if total is None else total + loss
+        if request.backward and self.scaler is not None:
+            self._unscale(found_inf)
+        return total
+
+    # -- one step ----------------------------------------------------------------------------
+    def __call__(self, micro_batches: Sequence[Any]) -> StepResult:
+        micro_batches = list(micro_batches)
+        check("micro_batches", len(micro_batches) >= 1, len(micro_batches), "at least one micro-batch")
+        opt, scaler = self.optimizer, self.scaler
+        device = next(self.model.parameters()).device
+        found_inf = torch.zeros(1, device=device) if scaler is not None else None
+        snapshot = self._snapshot() if self.bn == "frozen" else None
+
+        def runner(request: Pass) -> Tensor:
+            nonlocal snapshot
+            if request.role != "clean" and snapshot is None and self.bn == "clean":
+                snapshot = self._snapshot()
+            return self._run_pass(request, micro_batches, found_inf)
+
+        try:
+            loss = opt.run_plan(runner)
+        finally:
+            if snapshot is not None:
+                with torch.no_grad():
+                    for buf, saved in snapshot:
+                        buf.copy_(saved)
+
+        params = opt.all_params_with_grad()
+        grad_norm = None
+        if scaler is None:
+            if self.max_grad_norm is not None:
+                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+            opt.step()
+            return StepResult(loss, None, grad_norm)
+
+        if _distributed():
+            # Unsynced passes may have overflowed on one rank only: all ranks must agree to skip.
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+        if self.max_grad_norm is not None:
+            grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+        record_unscaled(scaler, opt, found_inf)
+        skipped = bool(found_inf.item())  # GradScaler.step syncs on the same flag
+        scaler.step(opt)
+        scaler.update()
+        if skipped:
+            opt.finish_step(skipped=True)
+        return StepResult(loss, skipped, grad_norm)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, micro_batches: Sequence[Any],
+               **options: Any) -> StepResult:
+    """Functional form of :class:`TrainStep` (builds one per call; keep a ``TrainStep`` in a loop)."""
+    return TrainStep(model, optimizer, loss_fn, **options)(micro_batches)

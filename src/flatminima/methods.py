@@ -1,0 +1,315 @@
+"""The named methods: each is a short composition of the axes of DESIGN.md §2, and the registry.
+
+Every constructor has the shape ``Method(base_optimizer, **hyperparameters)`` and accepts the
+common keyword arguments of :class:`~flatminima.optim.FlatOptimizer`: ``schedule`` (strength
+schedule: ``"constant"``, ``"linear"``, ``"cosine"``, ``"lr"`` or a callable of the step),
+``total_steps``, ``scope`` (an iterable of parameters, a module or a predicate), ``seed``,
+``sync_perturbation`` and, for gradient-based methods, ``ascent_weight_decay``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, PerturbedGradient, RandomSearch,
+                    check, check_int, check_nonnegative, check_norm)
+from .scale import GRANULARITIES, KINDS, Scale
+from .schedules import AdaptiveThreshold, Every, Probability, StartAt, step_generator
+
+_REGISTRY: dict[str, type] = {}
+_CANONICAL: dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[-_\s]", "", name.lower())
+
+
+def register(name: str, *aliases: str):
+    """Class decorator adding a method to the registry under ``name`` (and ``aliases``)."""
+
+    def deco(cls):
+        for n in (name, *aliases):
+            _REGISTRY[_key(n)] = cls
+        _CANONICAL[name] = cls.__name__
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_CANONICAL)
+
+
+def get(name: str) -> type:
+    """The method class registered under ``name`` (case, ``-`` and ``_`` ignored)."""
+    if not isinstance(name, str) or _key(name) not in _REGISTRY:
+        raise ValueError(f"Invalid method name: {name!r} (expected one of {', '.join(available())})")
+    return _REGISTRY[_key(name)]
+
+
+def hyperparameters(name: str) -> list[str]:
+    """Keyword arguments method ``name`` accepts (its own and the common ones)."""
+    cls = get(name)
+    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "base", "common")]
+    return names + list(COMMON)
+
+
+def create(name: str, base: torch.optim.Optimizer, **hyperparams: Any) -> FlatOptimizer:
+    """``create("sam", torch.optim.SGD(...), rho=0.1)``: build a method by name."""
+    cls = get(name)
+    accepted = hyperparameters(name)
+    for k in hyperparams:
+        check(f"hyperparameter {k!r} for {name}", k in accepted, k, f"one of {', '.join(accepted)}")
+    return cls(base, **hyperparams)
+
+
+COMMON = ("schedule", "total_steps", "scope", "seed", "sync_perturbation", "ascent_weight_decay")
+
+
+def _per_tensor(normalization: str) -> bool:
+    check("normalization", normalization in ("global", "per_tensor"), normalization, "'global' or 'per_tensor'")
+    return normalization == "per_tensor"
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    check(name, value in choices, value, f"one of {', '.join(map(str, choices))}")
+
+
+@register("base", "none", "sgd")
+class Base(FlatOptimizer):
+    """The base optimizer alone, through the same shell (the reference the methods reduce to)."""
+
+    def __init__(self, base, **common):
+        super().__init__(base, **common)
+
+
+@register("sam")
+class SAM(FlatOptimizer):
+    """Sharpness-aware minimization (Foret et al., ICLR 2021).
+
+    ``ε = ρ·sign(g)|g|^{q−1}/‖g‖_q^{q−1}`` (``1/p + 1/q = 1``): ``ρ·g/‖g‖₂`` for ``norm=2``,
+    ``ρ·sign(g)`` for ``norm="inf"``; descend along ``∇L(w + ε)`` from ``w``.
+    ``normalization="per_tensor"`` normalizes each tensor on its own (SAM-LoRA's separate A/B).
+    Cost: 2 forward/backward passes per step.
+    """
+
+    def __init__(self, base, rho: float = 0.05, norm: Union[float, str] = 2, normalization: str = "global", **common):
+        p = check_norm("norm", norm)
+        super().__init__(base, perturbation=Adversarial(norm=p, per_tensor=_per_tensor(normalization)),
+                         strength=rho, **common)
+
+
+@register("asam")
+class ASAM(FlatOptimizer):
+    """Adaptive SAM (Kwon et al., ICML 2021): ``T = |w| + η``, ``ε = ρ·T²g/‖Tg‖₂``.
+
+    ``granularity="filter"`` uses ``T = ‖w_{i,:}‖₂ + η`` per output row. The scale applies to every
+    scoped tensor (the paper's definition; exclude biases with ``scope``). Typical ρ is 10× SAM's.
+    Cost: 2 forward/backward passes.
+    """
+
+    def __init__(self, base, rho: float = 0.5, eta: float = 0.01, granularity: str = "element",
+                 norm: Union[float, str] = 2, normalization: str = "global", **common):
+        _check_choice("granularity", granularity, ("element", "filter"))
+        p = check_norm("norm", norm)
+        scale = Scale("w", granularity, eta)
+        super().__init__(base, perturbation=Adversarial(norm=p, scale=scale, per_tensor=_per_tensor(normalization)),
+                         strength=rho, **common)
+
+
+@register("layersam", "layer-sam")
+class LayerSAM(FlatOptimizer):
+    """Layer-wise SAM (Liu et al., CVPR 2022): ``T_i = ‖w_i‖/‖g_i‖`` per tensor.
+
+    ``ε = ρ·T²g/‖Tg‖₂``, the maximiser over ``‖T⁻¹ε‖₂ ≤ ρ`` (GA-SAM's unified form).
+    Cost: 2 forward/backward passes.
+    """
+
+    def __init__(self, base, rho: float = 0.01, norm: Union[float, str] = 2, **common):
+        p = check_norm("norm", norm)
+        super().__init__(base, perturbation=Adversarial(norm=p, scale=Scale("w_over_g", "layer")), strength=rho, **common)
+
+
+@register("gasam", "ga-sam")
+class GASAM(FlatOptimizer):
+    """Gradient-strength based adaptive SAM (Zhang et al., EMNLP 2022; seed 002).
+
+    ``T_i = √n_i/(‖g_i‖√n)`` at ``granularity`` (model / layer / filter / element), from the clean
+    gradient. ``K = steps`` projected ascent steps ``a_k = Π(a_{k−1} + u_k)``,
+    ``u_k = η·T ⊙ dual(T ⊙ g_{k−1})``, ``η = step_size·ε/K`` (1.5ε/K), ``Π`` onto
+    ``‖T⁻¹a‖_p ≤ ε`` (``norm`` 2 or ``"inf"``); descend along the mean of ``∇L(w + a_k)``,
+    ``k = 0..K``. ``scale`` picks the Table 2 variants of ``T`` (``"one"``, ``"w_over_g"``,
+    ``"inv_g"``, ``"w_over_sqrt_n"``, ``"w"``). Before ``start_step`` it is the base optimizer.
+    Cost: ``K + 1`` forward/backward passes.
+    """
+
+    def __init__(self, base, epsilon: float = 0.01, steps: int = 1, norm: Union[float, str] = 2,
+                 granularity: str = "layer", scale: str = "gradient_strength", step_size: float = 1.5,
+                 start_step: int = 0, normalization: str = "global", **common):
+        check_int("steps", steps, 1)
+        p = check_norm("norm", norm)
+        check("norm", p in (2.0, math.inf), norm, "2 or 'inf' (the projections GA-SAM defines)")
+        _check_choice("granularity", granularity, GRANULARITIES)
+        _check_choice("scale", scale, KINDS)
+        check("step_size", isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0,
+              step_size, "a finite float > 0")
+        check_int("start_step", start_step, 0)
+        perturbation = Adversarial(norm=p, scale=Scale(scale, granularity), steps=steps, project=True,
+                                   step_size=step_size, per_tensor=_per_tensor(normalization))
+        super().__init__(base, perturbation=perturbation, combination=MeanGradient(),
+                         trigger=StartAt(start_step), strength_key="epsilon", strength=epsilon, **common)
+
+
+@register("multistepsam", "multi-step-sam")
+class MultiStepSAM(GASAM):
+    """Multi-step adversarial parameter defense (Zhang et al. 2021): GA-SAM with ``T = 1``."""
+
+    def __init__(self, base, epsilon: float = 0.05, steps: int = 1, norm: Union[float, str] = 2,
+                 step_size: float = 1.5, start_step: int = 0, normalization: str = "global", **common):
+        super().__init__(base, epsilon=epsilon, steps=steps, norm=norm, scale="one", step_size=step_size,
+                         start_step=start_step, normalization=normalization, **common)
+
+
+@register("looksam")
+class LookSAM(FlatOptimizer):
+    """LookSAM (Liu et al., CVPR 2022): a SAM step every ``k`` steps; in between, reuse the stored
+    SAM direction ``g_v``: descend along ``g + α·(‖g‖/‖g_v‖)·g_v``.
+    Cost: ``1 + 1/k`` forward/backward passes per step on average.
+    """
+
+    def __init__(self, base, rho: float = 0.05, k: int = 5, alpha: float = 0.7, norm: Union[float, str] = 2,
+                 normalization: str = "global", **common):
+        check_int("k", k, 1)
+        check_nonnegative("alpha", alpha)
+        p = check_norm("norm", norm)
+        super().__init__(base, perturbation=Adversarial(norm=p, per_tensor=_per_tensor(normalization)),
+                         combination=LookSAMGradient(alpha), trigger=Every(k), strength=rho, **common)
+
+
+@register("stochasticsam", "ss-sam", "rst")
+class StochasticSAM(FlatOptimizer):
+    """SAM with probability ``p`` (or ``p(step)``), the base step otherwise (SS-SAM, Zhao et al.
+    2022; RST, Zhou et al. 2022). Coins come from the method's own seeded generator.
+    Cost: ``1 + p`` forward/backward passes per step on average.
+    """
+
+    def __init__(self, base, rho: float = 0.05, p: Union[float, Callable[[int], float]] = 0.5,
+                 norm: Union[float, str] = 2, normalization: str = "global", **common):
+        if not callable(p):
+            check("p", isinstance(p, (int, float)) and 0.0 <= p <= 1.0, p, "a float in [0, 1] or a callable of the step")
+        q = check_norm("norm", norm)
+        seed = common.get("seed", 0)
+        super().__init__(base, perturbation=Adversarial(norm=q, per_tensor=_per_tensor(normalization)),
+                         trigger=Probability(p, seed=seed), strength=rho, **common)
+
+
+@register("aesam", "ae-sam")
+class AESAM(FlatOptimizer):
+    """Adaptive policy SAM (Jiang et al., ICLR 2023): SAM only when ``‖g‖² ≥ μ_t + c_t·σ_t``,
+    with EMA (``decay``) mean and variance of ``‖g‖²`` and ``c_t`` linear from ``c_start`` to
+    ``c_end`` over ``total_steps`` (constant ``c_start`` without it).
+    Cost: 1 to 2 forward/backward passes per step (about half the steps are SAM steps).
+    """
+
+    def __init__(self, base, rho: float = 0.05, decay: float = 0.9, c_start: float = -1.0, c_end: float = 1.0,
+                 norm: Union[float, str] = 2, normalization: str = "global", **common):
+        check("decay", isinstance(decay, (int, float)) and 0.0 <= decay < 1.0, decay, "a float in [0, 1)")
+        for name, c in (("c_start", c_start), ("c_end", c_end)):
+            check(name, isinstance(c, (int, float)) and math.isfinite(c), c, "a finite float")
+        q = check_norm("norm", norm)
+        trigger = AdaptiveThreshold(decay, c_start, c_end, common.get("total_steps"))
+        super().__init__(base, perturbation=Adversarial(norm=q, per_tensor=_per_tensor(normalization)),
+                         trigger=trigger, strength=rho, **common)
+
+
+class SparseMask:
+    """SSAM's sparse perturbation mask (Mi et al., NeurIPS 2022), ``sparsity`` = fraction left out.
+
+    ``mode="fisher"``: keep the top ``1 − sparsity`` entries of the empirical Fisher ``g⊙g`` of the
+    clean gradient, refreshed every ``interval`` steps. ``mode="random"``: a random mask; every
+    ``interval`` steps a ``fraction`` of its entries is dropped at random and as many are grown at
+    random among the others (dynamic sparse training), so the sparsity stays exact.
+    """
+
+    def __init__(self, mode: str, sparsity: float, interval: int, fraction: float, seed: int):
+        self.mode, self.sparsity, self.interval, self.fraction, self.seed = mode, sparsity, interval, fraction, seed
+
+    def __repr__(self) -> str:
+        return f"SparseMask({self.mode!r}, sparsity={self.sparsity}, interval={self.interval})"
+
+    def __call__(self, opt: FlatOptimizer, params: list[Tensor], grads: list[Tensor]):
+        masks = [opt.state[p].get("ssam_mask") for p in params]
+        step = opt.step_count
+        if all(m is not None for m in masks) and step % self.interval != 0:
+            return masks, None
+        sizes = [p.numel() for p in params]
+        n = sum(sizes)
+        keep = max(1, math.ceil((1.0 - self.sparsity) * n))
+        with torch.no_grad():
+            if self.mode == "fisher":
+                fisher = torch.cat([(g.detach().float() ** 2).flatten() for g in grads])
+                threshold = torch.topk(fisher, keep, sorted=False).values.min()
+                flat = fisher >= threshold
+            else:
+                flat = self._random(masks, sizes, n, keep, step, params[0].device)
+        new = [m.view_as(p) for m, p in zip(torch.split(flat, sizes), params)]
+
+        def commit():
+            for p, m in zip(params, new):
+                opt.state[p]["ssam_mask"] = m
+
+        return new, commit
+
+    def _random(self, masks, sizes, n, keep, step, device) -> Tensor:
+        gen = step_generator(self.seed, step, stream=2)
+        if any(m is None for m in masks):
+            flat = torch.zeros(n, dtype=torch.bool)
+            flat[torch.randperm(n, generator=gen)[:keep]] = True
+            return flat.to(device)
+        flat = torch.cat([m.flatten().cpu() for m in masks])
+        active, inactive = flat.nonzero().flatten(), (~flat).nonzero().flatten()
+        swap = min(int(self.fraction * active.numel()), inactive.numel())
+        drop = active[torch.randperm(active.numel(), generator=gen)[:swap]]
+        grow = inactive[torch.randperm(inactive.numel(), generator=gen)[:swap]]
+        flat[drop], flat[grow] = False, True
+        return flat.to(device)
+
+
+@register("ssam")
+class SSAM(FlatOptimizer):
+    """Sparse SAM (Mi et al., NeurIPS 2022): SAM with ε restricted to a sparse mask,
+    ``ε = ρ·(m⊙g)/‖m⊙g‖``; see :class:`SparseMask` for ``mask``, ``interval`` and ``fraction``.
+    Cost: 2 forward/backward passes (the sparse ε is what a sparse-aware backend can exploit).
+    """
+
+    def __init__(self, base, rho: float = 0.05, sparsity: float = 0.5, mask: str = "fisher", interval: int = 10,
+                 fraction: float = 0.5, norm: Union[float, str] = 2, normalization: str = "global", **common):
+        check("sparsity", isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0, sparsity, "a float in [0, 1)")
+        _check_choice("mask", mask, ("fisher", "random"))
+        check_int("interval", interval, 1)
+        check("fraction", isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0, fraction, "a float in [0, 1]")
+        q = check_norm("norm", norm)
+        sparse = SparseMask(mask, float(sparsity), interval, float(fraction), common.get("seed", 0))
+        super().__init__(base, perturbation=Adversarial(norm=q, per_tensor=_per_tensor(normalization), mask=sparse),
+                         strength=rho, **common)
+
+
+@register("randomsearchsam", "random-search-sam")
+class RandomSearchSAM(FlatOptimizer):
+    """Randomized SAM search: the worst of ``candidates`` random points on the ρ-sphere (and ``w``),
+    by loss; descend along the gradient there. Needs no clean gradient.
+    Cost: ``candidates + 1`` forward passes and one forward/backward per step.
+    """
+
+    def __init__(self, base, rho: float = 0.05, candidates: int = 4, normalization: str = "global", **common):
+        check_int("candidates", candidates, 1)
+        super().__init__(base, perturbation=RandomSearch(candidates, per_tensor=_per_tensor(normalization)),
+                         strength=rho, **common)

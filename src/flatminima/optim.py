@@ -1,0 +1,644 @@
+"""The ``torch.optim.Optimizer`` shell every method shares.
+
+A :class:`FlatOptimizer` wraps any optimizer *instance* (the *base*), shares its ``param_groups``
+(so LR schedulers and per-group hyperparameters act on both) and never re-implements its update.
+One step is a *plan*: a generator that asks for forward/backward passes (:class:`Pass`) and, between
+them, perturbs the weights, restores them exactly and combines gradients. The plan is written once
+per component and driven three ways, so all forms share one implementation:
+
+* ``opt.step(closure)`` calls the closure for every pass the plan asks for;
+* ``with opt.perturbed(): ...`` / ``for _ in opt.perturbations(): ...`` then ``opt.step()``, for
+  loops that own their passes (HF Trainer, Accelerate);
+* :class:`flatminima.engine.TrainStep`, which runs each pass over micro-batches with gradient
+  accumulation, AMP, DDP ``no_sync`` and a BatchNorm policy.
+
+A method (``flatminima.methods``) is a choice of the components: a perturbation (how ε is made,
+with a scale ``T`` and a schedule of its strength), a combination (which gradient drives the base
+step), a trigger (when to perturb) and a scope (which tensors move).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _functional as F
+from .schedules import Always, StrengthSchedule, Trigger, strength_schedule
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward(/backward) pass a plan asks for.
+
+    ``role``: ``"clean"`` (at ``w``), ``"perturbed"`` (at the perturbed weights) or ``"probe"`` (a
+    forward-only evaluation). ``backward``: whether gradients are needed. ``sync``: whether a DDP
+    runner must all-reduce this pass's gradients (passes that only feed a per-rank perturbation do
+    not). Every pass with ``backward`` starts from empty ``.grad`` (the driver sets them to None).
+    """
+
+    role: str
+    backward: bool = True
+    sync: bool = True
+
+
+Plan = Generator[Pass, Any, list]
+Runner = Callable[[Pass], Any]
+
+
+def check(name: str, ok: bool, value: Any, expected: str) -> None:
+    """Raise ``ValueError`` naming the argument and its accepted range."""
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check(name, _is_real(value) and value >= 0, value, "a finite float >= 0")
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low, value, f"an int >= {low}")
+
+
+def check_norm(name: str, value: Any) -> float:
+    ok = value in ("inf", math.inf) or (_is_real(value) and value >= 1)
+    check(name, ok, value, "a number p >= 1 or 'inf'")
+    return math.inf if value in ("inf", math.inf) else float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Combinations: which gradient drives the base step (DESIGN.md §2)
+
+
+class Combination:
+    """Turns the gradients of a step's passes into the descent gradient."""
+
+    #: The clean gradient enters the descent gradient (so under DDP the clean pass must sync).
+    uses_clean = False
+
+    def start(self, opt: "FlatOptimizer", params: list[Tensor]) -> Any:
+        """Called once the clean gradient is in ``.grad`` and before the first perturbed pass."""
+        return None
+
+    def after_pass(self, state: Any, params: list[Tensor]) -> None:
+        """Called after each perturbed pass, with its gradients in ``.grad``."""
+
+    def finish(self, opt: "FlatOptimizer", state: Any, params: list[Tensor], passes: int) -> Optional[Callable[[], None]]:
+        """Leaves the descent gradient in ``.grad``; may return a commit of method state."""
+        return None
+
+    def off_step(self, opt: "FlatOptimizer", params: list[Tensor]) -> None:
+        """A step whose trigger did not fire: ``.grad`` holds the clean gradient."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PerturbedGradient(Combination):
+    """Descend along ``∇L(w + ε)`` (SAM and its single-point variants)."""
+
+
+def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+class MeanGradient(Combination):
+    """Descend along the mean of ``∇L(w + a_k)`` over ``k = 0..K`` (GA-SAM eq. 14, ``a_0 = 0``)."""
+
+    uses_clean = True
+
+    def start(self, opt, params):
+        return _grads(params)  # references: no copy, the next pass writes fresh .grad tensors
+
+    def after_pass(self, state, params):
+        torch._foreach_add_(state, _grads(params))
+
+    def finish(self, opt, state, params, passes):
+        torch._foreach_div_(state, float(passes + 1))
+        for p, g in zip(params, state):
+            p.grad = g
+        return None
+
+
+class LookSAMGradient(Combination):
+    """LookSAM (Liu et al. 2022): reuse the SAM-specific part of the gradient between SAM steps.
+
+    On a SAM step store ``g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g`` (``g_s`` the perturbed and ``g`` the clean
+    gradient; this is ``g_s − ‖g_s‖cos(g, g_s)·g/‖g‖``) and descend along ``g_s``; on the other
+    steps descend along ``g + α·(‖g‖/‖g_v‖)·g_v``. The weights are always restored from the copy
+    taken at this step, never from a stale one.
+    """
+
+    uses_clean = True
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def __repr__(self) -> str:
+        return f"LookSAMGradient(alpha={self.alpha})"
+
+    def start(self, opt, params):
+        return _grads(params)
+
+    def finish(self, opt, state, params, passes):
+        clean, perturbed = state, _grads(params)
+        dot = torch.stack([(a * b).sum(dtype=F.reduction_dtype(a)) for a, b in zip(clean, perturbed)]).sum()
+        coef = dot / (F.global_norm(clean) ** 2).clamp_min(F.TINY)
+        g_v = torch._foreach_sub(perturbed, torch._foreach_mul(clean, [coef.to(c.dtype) for c in clean]))
+
+        def commit():
+            for p, v in zip(params, g_v):
+                opt.state[p]["looksam_gv"] = v
+
+        return commit
+
+    def off_step(self, opt, params):
+        pairs = [(p, opt.state[p].get("looksam_gv")) for p in params if p.grad is not None]
+        pairs = [(p, v) for p, v in pairs if v is not None]
+        if not pairs:
+            return
+        grads, g_v = [p.grad for p, _ in pairs], [v for _, v in pairs]
+        coef = self.alpha * F.global_norm(grads) / F.global_norm(g_v).clamp_min(F.TINY)
+        torch._foreach_add_(grads, torch._foreach_mul(g_v, [coef.to(v.dtype) for v in g_v]))
+
+
+# --------------------------------------------------------------------------------------------
+# Perturbations: how ε is made
+
+
+class Perturbation:
+    """Makes ε and asks for the passes at the perturbed weights (a sub-plan)."""
+
+    #: Whether the clean pass must produce gradients.
+    needs_clean_grad = True
+
+    def run(self, opt: "FlatOptimizer", clean_loss: Any) -> Plan:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class NoPerturbation(Perturbation):
+    """The base optimizer alone (the reference every method reduces to)."""
+
+    def run(self, opt, clean_loss):
+        return []
+        yield  # pragma: no cover
+
+
+class Adversarial(Perturbation):
+    """Gradient ascent on the loss inside ``{‖T⁻¹ε‖_p ≤ ρ}`` (DESIGN.md §3).
+
+    ``steps = 1`` without projection is SAM's ``ε = ρ·T ⊙ dual(T ⊙ g)``. ``steps = K`` with
+    ``project=True`` is GA-SAM's multi-step ascent: ``u_k = η·T ⊙ dual(T ⊙ g_{k−1})``,
+    ``a_k = Π(a_{k−1} + u_k)`` with ``η = step_size·ρ/K`` (1.5ε/K in the paper). ``scale`` gives
+    ``T`` from the clean gradient, held for the whole step; ``mask`` (SSAM) zeroes the ascent
+    gradient outside a sparse set.
+    """
+
+    def __init__(self, norm: float = 2.0, scale=None, steps: int = 1, project: bool = False,
+                 step_size: float = 1.0, per_tensor: bool = False, mask=None):
+        from .scale import Scale
+
+        self.norm, self.scale = norm, scale or Scale()
+        self.steps, self.project, self.step_size = steps, project, step_size
+        self.per_tensor, self.mask = per_tensor, mask
+
+    def run(self, opt, clean_loss):
+        params, gidx = opt.scoped_params(with_grad=True)
+        commits: list = []
+        if not params:
+            return commits
+        clean = [p.grad for p in params]
+        scale = self.scale(params, clean)
+        mask = None
+        if self.mask is not None:
+            mask, commit = self.mask(opt, params, clean)
+            commits.append(commit)
+        radius = opt.strengths()
+        radius_per_tensor = [radius[i] for i in gidx]
+        step = [self.step_size * r / self.steps for r in radius]
+        combination = opt.combination
+        every = opt.all_params_with_grad()
+        saved = F.clone(params)
+        try:
+            grads, a = clean, None
+            for k in range(1, self.steps + 1):
+                with torch.no_grad():
+                    g = opt.ascent_gradients(params, grads, gidx)
+                    if mask is not None:
+                        g = torch._foreach_mul(g, mask)
+                    u = F.ascent_direction(g, scale, self.norm, self.per_tensor)
+                    F.scale_by_group(u, step, gidx)
+                    if a is None:
+                        a = u
+                    else:
+                        torch._foreach_add_(a, u)
+                    if self.project:
+                        F.project(a, scale, radius_per_tensor, self.norm, self.per_tensor)
+                    if k > 1:
+                        F.restore_(params, saved)
+                    torch._foreach_add_(params, a)
+                    if self.steps == 1:
+                        a = None  # ε is only needed again for a further ascent step
+                if k == 1:
+                    state = combination.start(opt, every)
+                last = k == self.steps
+                yield Pass("perturbed", backward=True, sync=last or combination.uses_clean or opt.sync_perturbation)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if not last:
+                    combination.after_pass(state, every)
+        finally:
+            F.restore_(params, saved)
+        commits.append(combination.finish(opt, state, every, self.steps))
+        return commits
+
+
+class RandomSearch(Perturbation):
+    """Best of ``candidates`` random points on the ρ-sphere, by loss (randomized SAM search).
+
+    The clean point (it lies in the ball) is a candidate too, which also gives the loss the step
+    returns; the search costs ``candidates + 1`` forward passes and one forward/backward at the
+    chosen point. Directions ``z/‖z‖`` come from generators seeded by (seed, step, candidate) and
+    are regenerated rather than stored.
+    """
+
+    needs_clean_grad = False
+
+    def __init__(self, candidates: int = 4, per_tensor: bool = False):
+        self.candidates, self.per_tensor = candidates, per_tensor
+
+    def _delta(self, opt, params, gidx, j: int) -> list[Tensor]:
+        gen = {}
+        z = []
+        for idx, p in enumerate(params):
+            dev = p.device
+            if dev not in gen:
+                gen[dev] = torch.Generator(device=dev)
+                gen[dev].manual_seed(opt.rng_seed(stream=1000 + j, device_index=len(gen)))
+            z.append(torch.randn(p.shape, generator=gen[dev], device=dev, dtype=p.dtype))
+        d = F.dual_direction(z, 2.0, self.per_tensor)
+        return F.scale_by_group(d, opt.strengths(), gidx)
+
+    def run(self, opt, clean_loss):
+        params, gidx = opt.scoped_params(with_grad=False)
+        # The choice needs the losses on the host. In the explicit form the clean loss is unknown
+        # and the clean point is then not a candidate.
+        best_j, best_loss = -1, -math.inf if clean_loss is None else float(clean_loss)
+        saved = F.clone(params)
+        try:
+            for j in range(self.candidates):
+                with torch.no_grad():
+                    torch._foreach_add_(params, self._delta(opt, params, gidx, j))
+                loss = yield Pass("probe", backward=False, sync=False)
+                F.restore_(params, saved)
+                if float(loss) > best_loss:
+                    best_j, best_loss = j, float(loss)
+            if best_j >= 0:
+                with torch.no_grad():
+                    torch._foreach_add_(params, self._delta(opt, params, gidx, best_j))
+            yield Pass("perturbed", backward=True, sync=True)
+        finally:
+            F.restore_(params, saved)
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# Scope: which tensors move
+
+ScopeSpec = Union[None, Iterable[Tensor], Callable[[Tensor], bool]]
+
+
+def _scope_predicate(scope: ScopeSpec) -> Optional[Callable[[Tensor], bool]]:
+    if scope is None:
+        return None
+    if callable(scope) and not isinstance(scope, torch.nn.Module):
+        return scope
+    if isinstance(scope, torch.nn.Module):
+        ids = {id(p) for p in scope.parameters()}
+    else:
+        ids = {id(p) for p in scope}
+    return lambda p: id(p) in ids
+
+
+# --------------------------------------------------------------------------------------------
+# The shell
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """Wraps ``base`` (any ``torch.optim.Optimizer`` instance) with a flat-minima method.
+
+    Shares ``base.param_groups``; the method's strength (``strength_key``, e.g. ``rho``) is a
+    per-group hyperparameter there, multiplied by ``schedule(step, group)``. ``step(closure)``
+    returns the clean loss. ``state_dict`` holds the base optimizer's state, the step counter and
+    the method's state, so a resumed run continues bit-identically.
+    """
+
+    method_name = "base"
+
+    def __init__(self, base: torch.optim.Optimizer, *, perturbation: Perturbation | None = None,
+                 combination: Combination | None = None, trigger: Trigger | None = None,
+                 strength_key: str = "rho", strength: float = 0.0, schedule=None,
+                 total_steps: Optional[int] = None, scope: ScopeSpec = None,
+                 ascent_weight_decay: bool = False, sync_perturbation: bool = False, seed: int = 0):
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
+        if isinstance(base, FlatOptimizer):
+            raise TypeError("base is already a flatminima optimizer; wrap the plain optimizer instead")
+        check_nonnegative(strength_key, strength)
+        for i, group in enumerate(base.param_groups):
+            if strength_key in group:
+                check_nonnegative(f"{strength_key} (param group {i})", group[strength_key])
+        check_int("seed", seed, 0)
+        check("ascent_weight_decay", isinstance(ascent_weight_decay, bool), ascent_weight_decay, "True or False")
+        check("sync_perturbation", isinstance(sync_perturbation, bool), sync_perturbation, "True or False")
+        sched = strength_schedule(schedule, total_steps)
+        predicate = _scope_predicate(scope)
+        # Everything is validated: from here on we may touch the base optimizer.
+        self.perturbation = perturbation or NoPerturbation()
+        self.combination = combination or PerturbedGradient()
+        self.trigger = trigger or Always()
+        self.strength_key, self.schedule = strength_key, sched
+        self.ascent_weight_decay, self.sync_perturbation, self.seed = ascent_weight_decay, sync_perturbation, seed
+        self._in_scope = predicate
+        defaults = {**base.defaults, strength_key: strength}
+        super().__init__(base.param_groups, defaults)
+        self.base = base
+        for group in base.param_groups:
+            group.setdefault(strength_key, strength)
+            group.setdefault("initial_lr", group["lr"])
+        self.param_groups = base.param_groups  # shared, not copied
+        self._step = 0
+        self._plan_gen: Optional[Plan] = None
+        self._request: Optional[Pass] = None
+        self._commits: list = []
+
+    # -- views -------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.strength_key}={self.defaults[self.strength_key]}, "
+                f"perturbation={self.perturbation!r}, combination={self.combination!r}, "
+                f"trigger={self.trigger!r}, base={type(self.base).__name__})")
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (AMP-skipped steps do not count)."""
+        return self._step
+
+    def rng_seed(self, stream: int = 0, device_index: int = 0) -> int:
+        """Seed for the method's own generators: a function of (seed, step, rank, stream)."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        key = (self.seed, self._step, rank, stream, device_index)
+        return hash(key) % (2**63 - 1)
+
+    def strengths(self) -> list[float]:
+        """The scheduled strength of each parameter group at this step."""
+        return [float(g[self.strength_key]) * float(self.schedule(self._step, g)) for g in self.param_groups]
+
+    def scoped_params(self, with_grad: bool = True) -> tuple[list[Tensor], list[int]]:
+        """Scoped parameters (with a gradient, or requiring one) and the index of their group."""
+        params, gidx = [], []
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if (p.grad is None) if with_grad else (not p.requires_grad):
+                    continue
+                if self._in_scope is None or self._in_scope(p):
+                    params.append(p)
+                    gidx.append(i)
+        return params, gidx
+
+    def all_params_with_grad(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def ascent_gradients(self, params: list[Tensor], grads: list[Tensor], gidx: list[int]) -> list[Tensor]:
+        """The gradient the ascent follows: ``g``, or ``g + λ·w`` with ``ascent_weight_decay``."""
+        if not self.ascent_weight_decay:
+            return grads
+        out = list(grads)
+        for i, group in enumerate(self.param_groups):
+            wd = float(group.get("weight_decay", 0.0))
+            idx = [j for j, gi in enumerate(gidx) if gi == i]
+            if wd and idx:
+                summed = torch._foreach_add([grads[j] for j in idx], [params[j] for j in idx], alpha=wd)
+                for j, s in zip(idx, summed):
+                    out[j] = s
+        return out
+
+    def _null_grads(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    # -- the plan ----------------------------------------------------------------------------
+    def _plan(self) -> Plan:
+        step = self._step
+        fire = self.trigger.before(step)
+        if isinstance(self.perturbation, NoPerturbation):
+            fire = False
+        clean_backward = fire is not True or self.perturbation.needs_clean_grad
+        clean_sync = fire is not True or self.sync_perturbation or self.combination.uses_clean
+        clean_loss = yield Pass("clean", backward=clean_backward, sync=clean_sync)
+        commits: list = []
+        if fire is None:
+            params, _ = self.scoped_params(with_grad=True)
+            fire, commit = self.trigger.after(step, lambda: F.global_norm([p.grad for p in params]) ** 2)
+            commits.append(commit)
+        if not fire:
+            self.combination.off_step(self, self.all_params_with_grad())
+            return commits
+        commits += yield from self.perturbation.run(self, clean_loss)
+        return commits
+
+    def _advance(self, result: Any) -> None:
+        """Send a pass's result to the plan and fetch the next request (None when done)."""
+        try:
+            self._request = self._plan_gen.send(result)
+        except StopIteration as stop:
+            self._commits = [c for c in (stop.value or []) if c is not None]
+            self._request = None
+
+    def _start(self) -> Pass:
+        self._plan_gen = self._plan()
+        self._request = None
+        self._commits = []
+        return next(self._plan_gen)
+
+    def abort(self) -> None:
+        """Abandon the step in progress: weights back to ``w`` exactly, method state untouched."""
+        if self._plan_gen is not None:
+            self._plan_gen.close()
+        self._plan_gen, self._request, self._commits = None, None, []
+
+    def run_plan(self, runner: Runner) -> Any:
+        """Drive a whole step's passes with ``runner(pass) -> loss``; return the clean loss.
+
+        Leaves the descent gradient in ``.grad`` and the weights at ``w``; ``step()`` (or
+        ``finish_step(skipped=True)``) completes the step. Restores the weights if a pass raises.
+        """
+        self.abort()
+        request = self._start()
+        try:
+            if request.backward:
+                self._null_grads()
+            clean_loss = runner(request)
+            self._advance(clean_loss)
+            while self._request is not None:
+                if self._request.backward:
+                    self._null_grads()
+                self._advance(runner(self._request))
+        except BaseException:
+            self.abort()
+            raise
+        return clean_loss
+
+    def finish_step(self, skipped: bool = False) -> None:
+        """Commit the method's state and count the step, or (``skipped``) drop both."""
+        if not skipped:
+            for commit in self._commits:
+                commit()
+            self._step += 1
+        self._plan_gen, self._request, self._commits = None, None, []
+
+    # -- explicit form -----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._plan_gen is None:
+            self._start()
+            self._advance(None)  # the caller has already run the clean pass
+
+    def _next_backward_request(self, forward: Optional[Callable[[], Any]]) -> Optional[Pass]:
+        while self._request is not None and not self._request.backward:
+            if forward is None:
+                self.abort()
+                raise RuntimeError(
+                    f"{type(self).__name__} evaluates the loss at extra points without a backward pass: "
+                    "pass forward=<callable returning the loss> to perturbed()/perturbations(), or use step(closure)")
+            with torch.no_grad():
+                self._advance(forward())
+        return self._request
+
+    @contextlib.contextmanager
+    def perturbed(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[bool]:
+        """Run the body (a forward and backward) at the perturbed weights; restore on exit.
+
+        Call after the clean forward/backward, then call ``step()``. Yields whether the weights
+        are perturbed this step: when the method skips this step (a trigger that did not fire)
+        the body's gradients are discarded and the clean gradient is kept. Methods with several
+        perturbed passes (GA-SAM ``steps > 1``) need one ``perturbed()`` block per pass, or use
+        ``perturbations()``. If the body raises, the weights are restored exactly.
+        """
+        self._ensure_started()
+        request = self._next_backward_request(forward)
+        if request is None:
+            stash = [(p, p.grad) for g in self.param_groups for p in g["params"]]
+            self._null_grads()
+            try:
+                yield False
+            finally:
+                for p, grad in stash:
+                    p.grad = grad
+            return
+        self._null_grads()
+        try:
+            yield True
+        except BaseException:
+            self.abort()
+            raise
+        self._advance(None)
+
+    def perturbations(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[int]:
+        """Iterate over the perturbed passes this step needs (0, 1 or K); run one forward and
+        backward per iteration, then call ``step()``."""
+        self._ensure_started()
+        k = 0
+        try:
+            while self._next_backward_request(forward) is not None:
+                self._null_grads()
+                yield k
+                k += 1
+                self._advance(None)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- torch.optim.Optimizer API -----------------------------------------------------------
+    def step(self, closure: Optional[Callable[..., Any]] = None) -> Any:
+        """One optimizer step. With a closure (forward + backward, returns the loss) the method
+        runs every pass itself and returns the clean loss; without one, the passes must already
+        have run (explicit form)."""
+        loss = None
+        if closure is not None:
+            loss = self.run_plan(_closure_runner(closure))
+        elif self._request is not None or self._plan_gen is None:
+            self._ensure_started()
+            if self._request is not None:
+                self.abort()
+                raise RuntimeError(
+                    f"{type(self).__name__} needs forward/backward passes at perturbed weights before step(): "
+                    "pass a closure to step(), or run them inside `with opt.perturbed():` / `for _ in opt.perturbations():`")
+        self.base.step()
+        self.finish_step()
+        return loss
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "base"):  # during Optimizer.__init__
+            return super().add_param_group(param_group)
+        value = param_group.get(self.strength_key, self.defaults[self.strength_key])
+        check_nonnegative(self.strength_key, value)
+        self.base.add_param_group(param_group)
+        param_group = self.base.param_groups[-1]
+        param_group.setdefault(self.strength_key, value)
+        param_group.setdefault("initial_lr", param_group["lr"])
+
+    def _param_index(self) -> dict[int, Tensor]:
+        return {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def state_dict(self) -> dict:
+        index = {id(p): i for i, p in self._param_index().items()}
+        own = {index[id(p)]: dict(s) for p, s in self.state.items() if s and id(p) in index}
+        return {"base": self.base.state_dict(),
+                "flat": {"step": self._step, "state": own, "trigger": self.trigger.state_dict()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) != {"base", "flat"}:
+            raise ValueError("not a flatminima optimizer state_dict (expected keys 'base' and 'flat')")
+        self.base.load_state_dict(state_dict["base"])
+        self.param_groups = self.base.param_groups
+        flat = state_dict["flat"]
+        params = self._param_index()
+        self.state = defaultdict(dict)
+        for i, s in flat["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
+        self._step = int(flat["step"])
+        self.trigger.load_state_dict(flat["trigger"])
+        self.abort()
+
+
+def _closure_runner(closure: Callable[..., Any]) -> Runner:
+    def run(request: Pass) -> Any:
+        if request.backward:
+            with torch.enable_grad():
+                return closure()
+        try:
+            accepts = "backward" in inspect.signature(closure).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if not accepts:
+            raise TypeError("this method evaluates the loss without a backward pass: the closure must accept "
+                            "`backward=False` (e.g. def closure(backward=True): ...; if backward: loss.backward())")
+        with torch.no_grad():
+            return closure(backward=False)
+
+    return run

@@ -1,0 +1,114 @@
+"""Scales ``T``: the per-element size of an adversarial perturbation (DESIGN.md §2, "scale" axis).
+
+An adversarial method maximises ``uᵀg`` over ``‖T⁻¹u‖_p ≤ ρ``. Every SAM variant in this library
+is a choice of ``T`` made from group statistics at one granularity:
+
+============================  =======================  ==============================================
+``kind``                      ``T_i``                  used by
+============================  =======================  ==============================================
+``"one"``                     ``1``                    SAM, multi-step defense (Zhang et al. 2021)
+``"w"``                       ``‖w_i‖ (+η)``           ASAM (Kwon et al. 2021), element- or filter-wise
+``"w_over_g"``                ``‖w_i‖/‖g_i‖``          Layer-SAM (Liu et al. 2021)
+``"gradient_strength"``       ``√n_i/(‖g_i‖·√n)``      GA-SAM (Zhang et al. 2022, eq. 13)
+``"inv_g"``                   ``1/‖g_i‖``              GA-SAM Table 2 ablation
+``"w_over_sqrt_n"``           ``‖w_i‖/√n_i``           GA-SAM Table 2 ablation
+============================  =======================  ==============================================
+
+Groups ``i`` (``granularity``): ``"model"`` (one group), ``"layer"`` (a tensor), ``"filter"``
+(an output row / output channel of a ≥2-D tensor; 1-D tensors form one group), ``"element"``.
+``n_i`` is the number of elements in group ``i`` and ``n`` the number in the scope.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._functional import TINY, ScaleList, combine_norms, reduction_dtype, tensor_norms
+
+KINDS = ("one", "w", "w_over_g", "gradient_strength", "inv_g", "w_over_sqrt_n")
+GRANULARITIES = ("model", "layer", "filter", "element")
+
+
+def _filter_norms(t: Tensor) -> Tensor:
+    """Norm of each output row, shaped to broadcast over ``t``."""
+    if t.dim() < 2:
+        return torch.linalg.vector_norm(t, dtype=reduction_dtype(t))
+    norms = torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=reduction_dtype(t))
+    return norms.view(-1, *([1] * (t.dim() - 1)))
+
+
+def group_norms(tensors: Sequence[Tensor], granularity: str) -> list[Tensor]:
+    """``‖x_i‖₂`` of the group each element belongs to, broadcastable to each tensor."""
+    if granularity == "element":
+        return list(torch._foreach_abs(list(tensors)))
+    if granularity == "filter":
+        return [_filter_norms(t) for t in tensors]
+    norms = tensor_norms(tensors, 2.0)
+    if granularity == "layer":
+        return norms
+    total = combine_norms(norms, 2.0)
+    return [total] * len(tensors)
+
+
+def group_sizes(tensors: Sequence[Tensor], granularity: str) -> list[float]:
+    """``n_i`` for the group of each tensor's elements."""
+    if granularity == "element":
+        return [1.0] * len(tensors)
+    if granularity == "filter":
+        return [float(t[0].numel()) if t.dim() >= 2 else float(t.numel()) for t in tensors]
+    if granularity == "layer":
+        return [float(t.numel()) for t in tensors]
+    total = float(sum(t.numel() for t in tensors))
+    return [total] * len(tensors)
+
+
+class Scale:
+    """``T`` of one ``kind`` at one ``granularity``, plus ``eta`` (ASAM's ``|w| + η``).
+
+    Calling it with the scoped parameters and their gradients returns one entry per tensor:
+    ``None`` for ``T = 1`` (so SAM pays nothing for it) or a tensor broadcastable to the parameter.
+    """
+
+    def __init__(self, kind: str = "one", granularity: str = "layer", eta: float = 0.0):
+        if kind not in KINDS:
+            raise ValueError(f"Invalid scale {kind!r}: expected one of {', '.join(KINDS)}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"Invalid granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"Invalid eta: {eta!r} (expected a finite float >= 0)")
+        self.kind, self.granularity, self.eta = kind, granularity, float(eta)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "one" and self.eta == 0.0
+
+    def __repr__(self) -> str:
+        return f"Scale({self.kind!r}, {self.granularity!r}, eta={self.eta})"
+
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ScaleList:
+        if self.is_identity:
+            return [None] * len(params)
+        kind, gran = self.kind, self.granularity
+        if kind == "one":
+            return [torch.full((), 1.0 + self.eta, dtype=reduction_dtype(p), device=p.device) for p in params]
+        with torch.no_grad():
+            if kind == "w":
+                out = group_norms(params, gran)
+            elif kind == "w_over_sqrt_n":
+                out = [w / math.sqrt(n) for w, n in zip(group_norms(params, gran), group_sizes(params, gran))]
+            else:
+                g_norms = [g.clamp_min(TINY) for g in group_norms(grads, gran)]
+                if kind == "w_over_g":
+                    out = [w / g for w, g in zip(group_norms(params, gran), g_norms)]
+                elif kind == "inv_g":
+                    out = [1.0 / g for g in g_norms]
+                else:  # gradient_strength
+                    n = float(sum(p.numel() for p in params))
+                    out = [math.sqrt(ni / n) / g for ni, g in zip(group_sizes(params, gran), g_norms)]
+            if self.eta:
+                out = [t + self.eta for t in out]
+            return [t.to(p.dtype) if t.dim() else t for t, p in zip(out, params)]
