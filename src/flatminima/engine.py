@@ -17,15 +17,16 @@
   and ``num_batches_tracked`` stay right), with every pass (``"all"``) or never (``"frozen"``);
 * clipping of the final descent gradient (``max_grad_norm``).
 
-The weights the base optimizer updates are bit-for-bit those from before the step's perturbations,
-also when a pass raises.
+The weights the base optimizer updates are bit-for-bit those from before the step's perturbations.
+A pass that raises leaves the weights, the running statistics and the optimizer's and method's
+state as they were before the step.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +94,10 @@ class TrainStep:
         check("autocast_dtype", autocast_dtype in (None, torch.float16, torch.bfloat16), autocast_dtype,
               "None, torch.float16 or torch.bfloat16")
         if max_grad_norm is not None:
-            check("max_grad_norm", isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0, max_grad_norm,
-                  "None or a float > 0")
+            ok = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool) and max_grad_norm > 0
+            check("max_grad_norm", ok, max_grad_norm, "None or a float > 0")
+        check("scaler", scaler is None or isinstance(scaler, torch.amp.GradScaler), type(scaler).__name__,
+              "None or a torch.amp.GradScaler")
         if not isinstance(optimizer, FlatOptimizer):
             optimizer = Base(optimizer)
         if _is_ddp(model) and model.gradient_as_bucket_view and optimizer.combination.uses_clean:
@@ -103,6 +106,8 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.accumulation, self.scaler, self.autocast_dtype, self.bn = accumulation, scaler, autocast_dtype, bn
         self.max_grad_norm = max_grad_norm
+        # A disabled scaler (``GradScaler(enabled=False)``, or a CUDA scaler without CUDA) is a no-op.
+        self._amp = scaler is not None and scaler.is_enabled()
         self._stat_buffers = _running_stat_buffers(model)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -142,21 +147,29 @@ class TrainStep:
                 with torch.set_grad_enabled(request.backward), self._autocast():
                     loss = self.loss_fn(self.model, batch) * weight
                 if request.backward:
-                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss = loss.detach().float()
+                    (self.scaler.scale(loss) if self._amp else loss).backward()
+            # Sum in at least float32 (an fp16/bf16 loss under autocast), never below the loss's own
+            # precision: float64 losses stay float64 (probe choices, the returned clean loss).
+            loss = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
             total = loss if total is None else total + loss
-        if request.backward and self.scaler is not None:
+        if request.backward and self._amp:
             self._unscale(found_inf)
         return total
 
     # -- one step ----------------------------------------------------------------------------
     def __call__(self, micro_batches: Sequence[Any]) -> StepResult:
+        # A tensor or a dict would be iterated row by row / key by key: wrap one batch in a list.
+        check("micro_batches", not isinstance(micro_batches, (Tensor, Mapping)), type(micro_batches).__name__,
+              "a sequence of micro-batches, e.g. [batch]")
         micro_batches = list(micro_batches)
         check("micro_batches", len(micro_batches) >= 1, len(micro_batches), "at least one micro-batch")
-        opt, scaler = self.optimizer, self.scaler
+        opt, scaler = self.optimizer, (self.scaler if self._amp else None)
         device = next(self.model.parameters()).device
         found_inf = torch.zeros(1, device=device) if scaler is not None else None
-        snapshot = self._snapshot() if self.bn == "frozen" else None
+        # The statistics from before the step: put back if a pass raises (the clean pass may have
+        # moved them already), and the state ``bn="frozen"`` keeps.
+        before = self._snapshot()
+        snapshot = before if self.bn == "frozen" else None
 
         def runner(request: Pass) -> Tensor:
             nonlocal snapshot
@@ -166,6 +179,9 @@ class TrainStep:
 
         try:
             loss = opt.run_plan(runner)
+        except BaseException:
+            snapshot = before  # run_plan has put the weights back; the statistics follow them
+            raise
         finally:
             if snapshot is not None:
                 with torch.no_grad():

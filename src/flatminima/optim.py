@@ -259,8 +259,7 @@ class Adversarial(Perturbation):
                 last = k == self.steps
                 yield Pass("perturbed", backward=True, sync=last or combination.uses_clean or opt.sync_perturbation)
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                if not last:
-                    combination.after_pass(state, every)
+                combination.after_pass(state, every)
         finally:
             F.restore_(params, saved)
         commits.append(combination.finish(opt, state, every, self.steps))

@@ -1,0 +1,515 @@
+"""The library's main job: train a model on a task with several methods over several seeds and report.
+
+One *unit* is (method, seed): a fresh model trained by :func:`run_one`, which returns a JSON-ready
+record (curves and final metrics). :func:`run_experiment` runs every unit of an
+:class:`ExperimentConfig`, writes one JSON per unit under ``runs/`` and the summary
+(``results.json``, ``results.csv``, ``results.md``, ``learning_curves.png``) in the output folder.
+
+Timing: the wall time of the training steps only (evaluation excluded, the device synchronized at
+the boundaries), divided by the number of optimizer steps; the table reports it relative to the
+reference method (the first one that is the plain base optimizer, ``sgd``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import methods as _methods
+from .data import Dataset, available_tasks, load_task
+from .engine import TrainStep
+from .models import MLP, SmallCNN, resnet18_cifar
+
+# --------------------------------------------------------------------------------------------
+# models
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Decorator registering ``builder(dataset, **options) -> nn.Module`` as model ``name``."""
+
+    def deco(fn):
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(name: str, data: Dataset, **options: Any) -> nn.Module:
+    if name not in _MODELS:
+        raise ValueError(f"Invalid model: {name!r} (expected one of {', '.join(available_models())})")
+    return _MODELS[name](data, **options)
+
+
+@register_model("mlp")
+def _mlp(data: Dataset, hidden: int = 128, depth: int = 2) -> nn.Module:
+    return MLP(math.prod(data.input_shape), data.num_classes, hidden, depth)
+
+
+@register_model("cnn")
+def _cnn(data: Dataset, width: int = 32) -> nn.Module:
+    return SmallCNN(data.input_shape[0], data.num_classes, width, data.input_shape[-1])
+
+
+@register_model("resnet18")
+def _resnet18(data: Dataset, width: int = 64) -> nn.Module:
+    return resnet18_cifar(data.num_classes, data.input_shape[0], width)
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+#: Keys of a method entry that configure the base optimizer rather than the method.
+BASE_KEYS = ("optimizer", "lr", "momentum", "weight_decay")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+
+#: Method settings used when a method is named without settings (``--methods``); chosen on
+#: digits and Fashion-MNIST (see docs of the presets): SAM's ρ from the paper, ASAM's ρ at 10× SAM's,
+#: GA-SAM's ε from a sweep (its perturbation grows as the layer gradients shrink).
+DEFAULT_METHODS: dict[str, dict[str, Any]] = {
+    "sgd": {},
+    "sam": {"rho": 0.05},
+    "asam": {"rho": 0.5, "eta": 0.01},
+    "gasam": {"epsilon": 0.01, "steps": 1, "granularity": "layer"},
+}
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one experiment needs; JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
+
+    ``methods`` maps a label to its settings: the registry name (``"method"``, default: the label),
+    base-optimizer overrides (``optimizer``, ``lr``, ``momentum``, ``weight_decay``) and the
+    method's own hyperparameters (``rho``, ``epsilon``, ...). ``batch_size`` is the number of
+    examples per optimizer step, split into ``accumulation_steps`` micro-batches (``accumulation``:
+    the engine's ``"last"`` or ``"full"``). ``eval_every`` is in optimizer steps; evaluation also
+    runs at step 0 and at the end. ``train_subset`` keeps a fixed random part of the training set.
+    """
+
+    name: str = "custom"
+    task: str = "digits"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_METHODS.items()})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 10
+    batch_size: int = 64
+    accumulation_steps: int = 1
+    accumulation: str = "last"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    train_subset: Optional[int] = None
+    eval_every: int = 50
+    eval_batch_size: int = 1000
+    device: str = "auto"
+    out_dir: str = "results/custom"
+
+    # -- (de)serialization -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: Optional["ExperimentConfig"] = None) -> "ExperimentConfig":
+        """A validated config from ``values`` (unknown keys are an error), on top of ``base``."""
+        if not isinstance(values, dict):
+            _fail("config", type(values).__name__, "a JSON object")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            _fail("config field", unknown[0], f"one of {', '.join(known)}")
+        merged = {**(base or cls()).to_dict(), **values}
+        if isinstance(merged.get("seeds"), tuple):
+            merged["seeds"] = list(merged["seeds"])
+        return cls(**merged).validate()
+
+    @classmethod
+    def load(cls, path: os.PathLike | str, base: Optional["ExperimentConfig"] = None) -> "ExperimentConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), base)
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> "ExperimentConfig":
+        """Raise ``ValueError`` naming the first bad field and its accepted values; return self."""
+        if not isinstance(self.name, str) or not self.name:
+            _fail("name", self.name, "a non-empty string")
+        if self.task not in available_tasks():
+            _fail("task", self.task, f"one of {', '.join(available_tasks())}")
+        if self.model not in available_models():
+            _fail("model", self.model, f"one of {', '.join(available_models())}")
+        for key in ("task_options", "model_options"):
+            if not isinstance(getattr(self, key), dict):
+                _fail(key, getattr(self, key), "a mapping of keyword arguments")
+        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            _fail("seeds", self.seeds, "a non-empty list of distinct ints >= 0")
+        for key in ("epochs", "batch_size", "accumulation_steps", "eval_every", "eval_batch_size"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                _fail(key, getattr(self, key), "an int >= 1")
+        if self.batch_size % self.accumulation_steps:
+            _fail("accumulation_steps", self.accumulation_steps, f"a divisor of batch_size ({self.batch_size})")
+        if self.accumulation not in ("last", "full"):
+            _fail("accumulation", self.accumulation, "'last' or 'full'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            _fail("lr_schedule", self.lr_schedule, " or ".join(map(repr, LR_SCHEDULES)))
+        if self.train_subset is not None and (not _is_int(self.train_subset) or self.train_subset < self.batch_size):
+            _fail("train_subset", self.train_subset, f"None or an int >= batch_size ({self.batch_size})")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            _fail("device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            _fail("out_dir", self.out_dir, "a folder path")
+        _check_base("", self.base_settings())
+        if not isinstance(self.methods, dict) or not self.methods:
+            _fail("methods", self.methods, "a non-empty mapping of method label to settings")
+        for label in self.methods:
+            self.method_spec(label)
+        return self
+
+    def base_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in BASE_KEYS}
+
+    def method_spec(self, label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """``(registry name, base-optimizer settings, method hyperparameters)`` of method ``label``,
+        validated by building the method on a dummy parameter."""
+        settings = self.methods[label]
+        if not isinstance(settings, dict):
+            _fail(f"methods.{label}", settings, "a mapping of settings")
+        hyper = {k: v for k, v in settings.items() if k not in BASE_KEYS and k != "method"}
+        base = {**self.base_settings(), **{k: v for k, v in settings.items() if k in BASE_KEYS}}
+        name = settings.get("method", label)
+        prefix = f"methods.{label}: "
+        try:
+            _methods.get(name)
+            _check_base(prefix, base)
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+            _methods.create(name, dummy, **{"total_steps": 1, **hyper})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(prefix + str(exc)) from None
+        return name, base, hyper
+
+
+def _check_base(prefix: str, base: dict[str, Any]) -> None:
+    if base["optimizer"] not in OPTIMIZERS:
+        _fail(prefix + "optimizer", base["optimizer"], " or ".join(map(repr, OPTIMIZERS)))
+    if not _is_real(base["lr"]) or base["lr"] <= 0:
+        _fail(prefix + "lr", base["lr"], "a float > 0")
+    if not _is_real(base["momentum"]) or not 0 <= base["momentum"] < 1:
+        _fail(prefix + "momentum", base["momentum"], "a float in [0, 1)")
+    if not _is_real(base["weight_decay"]) or base["weight_decay"] < 0:
+        _fail(prefix + "weight_decay", base["weight_decay"], "a float >= 0")
+
+
+def _preset_quick() -> ExperimentConfig:
+    """Digits with an MLP: about a second per run on a laptop CPU."""
+    return ExperimentConfig(name="quick", task="digits", model="mlp", model_options={"hidden": 128, "depth": 2},
+                            epochs=10, batch_size=64, lr=0.05, eval_every=22, out_dir="results/quick")
+
+
+def _preset_default() -> ExperimentConfig:
+    """Fashion-MNIST (10k training images) with SmallCNN: the 4 methods × 3 seeds in ~5 min on 2 CPU cores."""
+    return ExperimentConfig(name="default", task="fashion_mnist", model="cnn", model_options={"width": 16},
+                            epochs=4, batch_size=128, lr=0.05, train_subset=10_000, eval_every=26,
+                            out_dir="results/default")
+
+
+def _preset_full() -> ExperimentConfig:
+    """Fashion-MNIST, all 60k training images, SmallCNN of width 32, 30 epochs: for a GPU."""
+    return ExperimentConfig(name="full", task="fashion_mnist", model="cnn", model_options={"width": 32},
+                            epochs=30, batch_size=128, lr=0.05, eval_every=468, out_dir="results/full")
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "quick": _preset_quick, "default": _preset_default, "full": _preset_full}
+
+
+def preset(name: str) -> ExperimentConfig:
+    if name not in PRESETS:
+        _fail("preset", name, f"one of {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {spec!r} (CUDA is not available here; use 'cpu' or 'auto')")
+    return device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode; the training mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i:i + batch_size])
+        loss += F.cross_entropy(logits.float(), y[i:i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / len(y), loss.item() / len(y)
+
+
+def _base_optimizer(params, base: dict[str, Any]) -> torch.optim.Optimizer:
+    if base["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=base["lr"], momentum=base["momentum"], weight_decay=base["weight_decay"])
+    return torch.optim.AdamW(params, lr=base["lr"], betas=(base["momentum"], 0.999), weight_decay=base["weight_decay"])
+
+
+def steps_per_epoch(config: ExperimentConfig, data: Dataset) -> int:
+    n = len(data.y_train) // config.batch_size
+    if n < 1:
+        raise ValueError(f"Invalid batch_size: {config.batch_size} (the training set has only {len(data.y_train)} examples)")
+    return n
+
+
+def run_one(config: ExperimentConfig, data: Dataset, label: str, seed: int, device: torch.device,
+            on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+    """Train one (method, seed) unit; return its JSON-ready record.
+
+    The seed fixes the initialization (``torch.manual_seed`` inside ``fork_rng``, so the caller's
+    global RNG state is left as it was), the shuffling (a local generator) and the method's own
+    generators. The training loss of every step stays on the device and is read at evaluation
+    points only. ``on_step(info)`` is called after every step (progress display).
+    """
+    name, base_settings, hyper = config.method_spec(label)
+    per_epoch = steps_per_epoch(config, data)
+    total = per_epoch * config.epochs
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_model(config.model, data, **config.model_options).to(device)
+    base = _base_optimizer(model.parameters(), base_settings)
+    opt = _methods.create(name, base, **{"seed": seed, "total_steps": total, **hyper})
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None
+    train_step = TrainStep(model, opt, _cross_entropy, accumulation=config.accumulation)
+    shuffle = torch.Generator().manual_seed(seed)
+    losses = torch.zeros(total, device=device)
+    evals: dict[str, list] = {"step": [], "test_acc": [], "test_loss": []}
+    train_time, step, micro = 0.0, 0, config.batch_size // config.accumulation_steps
+
+    def evaluate_now() -> None:
+        acc, loss = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+        evals["step"].append(step)
+        evals["test_acc"].append(acc)
+        evals["test_loss"].append(loss)
+
+    evaluate_now()
+    model.train()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(data.y_train), generator=shuffle).to(device)
+        for b in range(per_epoch):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            x, y = data.x_train[idx], data.y_train[idx]
+            result = train_step([(x[i:i + micro], y[i:i + micro]) for i in range(0, config.batch_size, micro)])
+            losses[step] = result.loss
+            if schedule is not None:
+                schedule.step()
+            step += 1
+            if step % config.eval_every == 0 or step == total:
+                _sync(device)
+                train_time += time.perf_counter() - started
+                evaluate_now()
+                if on_step:
+                    since = losses[step - min(step, config.eval_every):step]
+                    on_step({"step": step, "train_loss": since.mean().item(), "test_acc": evals["test_acc"][-1]})
+                started = time.perf_counter()
+            elif on_step:
+                on_step({"step": step})
+    train_loss = losses.tolist()
+    return {
+        "method": label, "registry_name": name, "hyperparameters": hyper, "base_optimizer": base_settings,
+        "seed": seed, "config": config.to_dict(),
+        "curves": {"train_loss": train_loss, "eval_step": evals["step"], "test_acc": evals["test_acc"],
+                   "test_loss": evals["test_loss"]},
+        "final": {"test_acc": evals["test_acc"][-1], "test_loss": evals["test_loss"][-1],
+                  "train_loss": sum(train_loss[-per_epoch:]) / per_epoch, "steps": total,
+                  "train_time_s": train_time, "time_per_step_s": train_time / total},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def reference_method(records: list[dict]) -> Optional[str]:
+    """The label of the first method that is the plain base optimizer (the timing reference)."""
+    for r in records:
+        if _methods.get(r["registry_name"]) is _methods.Base:
+            return r["method"]
+    return None
+
+
+def summarize(records: list[dict]) -> list[dict[str, Any]]:
+    """One row per method (in first-seen order): metric means and standard deviations over seeds and
+    the mean time per step relative to the reference method (NaN without one)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    ref = reference_method(records)
+    ref_time = _mean_std([r["final"]["time_per_step_s"] for r in by_method[ref]])[0] if ref else math.nan
+    rows = []
+    for label, runs in by_method.items():
+        row: dict[str, Any] = {"method": label, "registry_name": runs[0]["registry_name"],
+                               "hyperparameters": runs[0]["hyperparameters"], "seeds": [r["seed"] for r in runs]}
+        for key in ("test_acc", "test_loss", "train_loss", "time_per_step_s"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r["final"][key] for r in runs])
+        row["time_ratio"] = row["time_per_step_s_mean"] / ref_time
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], reference: Optional[str] = None) -> str:
+    """The Markdown results table."""
+    ref = reference or "the base optimizer"
+    lines = [f"| method | test accuracy (%) | final train loss | time/step vs {ref} | ms/step | seeds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} "
+                     f"| {r['train_loss_mean']:.4f} ± {r['train_loss_std']:.4f} | {r['time_ratio']:.2f} "
+                     f"| {1000 * r['time_per_step_s_mean']:.1f} | {len(r['seeds'])} |")
+    return "\n".join(lines)
+
+
+_CSV_FIELDS = ["method", "registry_name", "test_acc_mean", "test_acc_std", "test_loss_mean", "test_loss_std",
+               "train_loss_mean", "train_loss_std", "time_per_step_s_mean", "time_per_step_s_std", "time_ratio",
+               "seeds", "hyperparameters"]
+
+
+def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall_time: float) -> str:
+    """Write ``results.{json,csv,md}`` and ``learning_curves.png`` into ``out``; return the table."""
+    rows = summarize(records)
+    ref = reference_method(records)
+    table = format_table(rows, ref)
+    with open(out / "results.json", "w") as f:
+        json.dump({"config": config.to_dict(), "reference": ref, "wall_time_s": wall_time, "summary": rows,
+                   "runs": [f"runs/{r['method']}_seed{r['seed']}.json" for r in records],
+                   "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()}}, f, indent=1)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, _CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(r[k]) if k in ("seeds", "hyperparameters") else r[k] for k in _CSV_FIELDS})
+    header = (f"# {config.name}: {config.task}, {config.model}, {config.epochs} epochs, "
+              f"{len(config.seeds)} seed(s)\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    from .plots import plot_learning_curves
+
+    plot_learning_curves(records, out / "learning_curves.png",
+                         title=f"{config.name}: {config.task} / {config.model}")
+    return table
+
+
+def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every (method, seed) unit of ``config`` (seed-major, so that methods interleave in time)
+    and write the results; returns ``{"summary", "table", "records", "out_dir"}``.
+
+    ``progress``: a tqdm bar over all steps (``None``: only when stderr is a terminal).
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    data = load_task(config.task, **config.task_options).subset(config.train_subset).to(device)
+    units = [(label, seed) for seed in config.seeds for label in config.methods]
+    total = steps_per_epoch(config, data) * config.epochs
+    out = Path(config.out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    bar = _progress_bar(len(units) * total, progress)
+    write = bar.write if bar is not None else log
+    records = []
+    started = time.perf_counter()
+    try:
+        for label, seed in units:
+            if bar is not None:
+                bar.set_description(f"{label} seed {seed}")
+
+            def on_step(info: dict) -> None:
+                if bar is not None:
+                    bar.update(1)
+                    if "test_acc" in info:
+                        bar.set_postfix(loss=f"{info['train_loss']:.3f}", acc=f"{info['test_acc']:.3f}")
+
+            record = run_one(config, data, label, seed, device, on_step)
+            with open(out / "runs" / f"{label}_seed{seed}.json", "w") as f:
+                json.dump(record, f)
+            final = record["final"]
+            write(f"{label} seed {seed}: test acc {final['test_acc']:.4f}, train loss {final['train_loss']:.4f}, "
+                  f"{1000 * final['time_per_step_s']:.1f} ms/step")
+            records.append(record)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - started
+    table = write_results(out, config, records, wall)
+    log(f"\n{table}\n\n{len(units)} runs in {wall:.1f} s; results in {out}")
+    return {"summary": summarize(records), "table": table, "records": records, "out_dir": str(out)}
+
+
+def _progress_bar(total: int, progress: Optional[bool]):
+    if progress is False:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    import sys
+
+    if progress is None and not sys.stderr.isatty():
+        return None
+    return tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
