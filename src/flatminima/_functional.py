@@ -80,8 +80,11 @@ def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False) -> T
     if not x:
         return []
     if p == 2:
-        norms = _norms(x, 2.0, per_tensor)
-        return list(torch._foreach_div(x, _cast([n.clamp_min(TINY) for n in norms], x)))
+        if per_tensor:
+            return [t / n.clamp_min(TINY).to(t.dtype) for t, n in zip(x, tensor_norms(x, 2.0))]
+        # One 0-dim tensor for the whole list keeps this a single fused launch (no host sync).
+        inv = combine_norms(tensor_norms(x, 2.0), 2.0).clamp_min(TINY).reciprocal()
+        return list(torch._foreach_mul(x, inv))
     if p == math.inf:
         return list(torch._foreach_sign(x))
     if p == 1:

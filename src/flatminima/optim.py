@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _functional as F
-from .schedules import Always, StrengthSchedule, Trigger, strength_schedule
+from .schedules import Always, Trigger, derive_seed, strength_schedule
 
 
 @dataclass(frozen=True)
@@ -399,8 +399,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def rng_seed(self, stream: int = 0, device_index: int = 0) -> int:
         """Seed for the method's own generators: a function of (seed, step, rank, stream)."""
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        key = (self.seed, self._step, rank, stream, device_index)
-        return hash(key) % (2**63 - 1)
+        return derive_seed(self.seed, self._step, rank, stream, device_index)
 
     def strengths(self) -> list[float]:
         """The scheduled strength of each parameter group at this step."""
@@ -511,10 +510,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._plan_gen, self._request, self._commits = None, None, []
 
     # -- explicit form -----------------------------------------------------------------------
-    def _ensure_started(self) -> None:
+    def _ensure_started(self, forward: Optional[Callable[[], Any]] = None) -> None:
         if self._plan_gen is None:
-            self._start()
-            self._advance(None)  # the caller has already run the clean pass
+            request = self._start()
+            # The caller has already run the clean pass. A method that wants only the clean loss
+            # (random search) gets it from ``forward`` when given.
+            if not request.backward and forward is not None:
+                with torch.no_grad():
+                    self._advance(forward())
+            else:
+                self._advance(None)
 
     def _next_backward_request(self, forward: Optional[Callable[[], Any]]) -> Optional[Pass]:
         while self._request is not None and not self._request.backward:
@@ -537,7 +542,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         perturbed passes (GA-SAM ``steps > 1``) need one ``perturbed()`` block per pass, or use
         ``perturbations()``. If the body raises, the weights are restored exactly.
         """
-        self._ensure_started()
+        self._ensure_started(forward)
         request = self._next_backward_request(forward)
         if request is None:
             stash = [(p, p.grad) for g in self.param_groups for p in g["params"]]
@@ -559,7 +564,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def perturbations(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[int]:
         """Iterate over the perturbed passes this step needs (0, 1 or K); run one forward and
         backward per iteration, then call ``step()``."""
-        self._ensure_started()
+        self._ensure_started(forward)
         k = 0
         try:
             while self._next_backward_request(forward) is not None:

@@ -165,12 +165,19 @@ class Every(Trigger):
         return step % self.k == 0
 
 
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 steps): stable across runs and Python versions."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator seeded from (seed, step, stream): reproducible, resumable from the step
     count alone, and independent of the global RNG."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
-    return g
+    return torch.Generator().manual_seed(derive_seed(seed, step, stream))
 
 
 class Probability(Trigger):

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up flatminima in ./.venv.   usage: bash scripts/setup.sh [run|dev]
+#   run (default): the library, the experiment extras and the Fashion-MNIST data (main job)
+#   dev:           the library and the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${1:-run}
+case "$target" in run|dev) ;; *) echo "usage: bash scripts/setup.sh [run|dev]" >&2; exit 2 ;; esac
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# PyTorch first, so the project's `torch>=2.3` is already satisfied: on machines without an NVIDIA
+# GPU a pinned release (a CPU build where one is cached locally); with a GPU, PyPI's CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" torch
+  else
+    "${pip[@]}" "torch==${FLATMINIMA_TORCH_VERSION:-2.13.0}"
+  fi
+fi
+
+if [ "$target" = dev ]; then
+  "${pip[@]}" -e ".[dev]"
+else
+  "${pip[@]}" -e ".[experiments]"
+  # Fashion-MNIST ships as a Debian package; without root the loader fetches it into its cache.
+  if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$(id -u)" = 0 ] \
+     && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
+      || echo "note: could not install dataset-fashion-mnist; the loader will try its other sources" >&2
+  fi
+fi
+echo "flatminima is set up in .venv ($target)"
