@@ -31,6 +31,16 @@ TIGHT = dict(rtol=1e-12, atol=1e-13)
 # Fixtures
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only cost (OpenMP barriers stall badly on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 class Net(nn.Module):
     """Linear(4, 6) -> [BatchNorm1d] -> tanh -> Linear(6, 2), initialised from its own generator."""
 
@@ -192,9 +202,11 @@ def test_accumulating_copies_of_one_batch_is_the_single_batch_step(method, n, ac
         torch.testing.assert_close(r2.loss, r1.loss, **TIGHT)
         torch.testing.assert_close(clone_params(m2), clone_params(m1), **TIGHT)
     assert o1.step_count == o2.step_count == 4
-    assert_state_equal(o1.state_dict()["flat"]["step"], o2.state_dict()["flat"]["step"])
-    torch.testing.assert_close(o2.state_dict()["base"]["state"][0]["momentum_buffer"],
-                               o1.state_dict()["base"]["state"][0]["momentum_buffer"], **TIGHT)
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    for i in s1["base"]["state"]:
+        torch.testing.assert_close(s2["base"]["state"][i]["momentum_buffer"], s1["base"]["state"][i]["momentum_buffer"],
+                                   **TIGHT)
+    torch.testing.assert_close(s2["flat"]["state"], s1["flat"]["state"], **TIGHT)  # LookSAM's g_v
 
 
 @pytest.mark.parametrize("accumulation", ["last", "full"])
@@ -260,7 +272,6 @@ def test_looksam_reuse_step_with_accumulation_against_hand_computation():
 def test_base_step_sees_the_pre_perturbation_weights_bit_for_bit(method, dtype):
     model, opt = build(method, dtype=dtype)
     rec = Recorder(opt.base)
-    twin = copy.deepcopy(opt.base.state_dict())
     step = TrainStep(model, opt, mse)
     for t in range(3):
         before = clone_params(model)
@@ -275,7 +286,6 @@ def test_base_step_sees_the_pre_perturbation_weights_bit_for_bit(method, dtype):
             p.grad = gr.clone()
         ref.step()
         assert_same(clone_params(model), [p.detach() for p in ref_params])
-    assert twin is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -442,7 +452,7 @@ def test_fp16_autocast_with_scaler_matches_fp16_autocast_without():
     m2, o2 = build("sam", **fp32)
     inj = Injector()
     plain = TrainStep(m1, o1, inj, autocast_dtype=torch.float16)
-    scaled = TrainStep(m2, o2, inj, autocast_dtype=torch.float16, scaler=torch.amp.GradScaler("cpu"))
+    scaled = TrainStep(m2, o2, inj, autocast_dtype=torch.float16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
     for t in range(3):
         b = batch(t, dtype=torch.float32)
         r1, r2 = plain([b]), scaled([b])
@@ -451,6 +461,27 @@ def test_fp16_autocast_with_scaler_matches_fp16_autocast_without():
     assert set(inj.dtypes) == {torch.float16}  # autocast was on
     torch.testing.assert_close(clone_params(m2), clone_params(m1), rtol=1e-5, atol=1e-6)
     assert all(p.dtype == torch.float32 for p in m2.parameters())
+
+
+def test_real_fp16_overflow_at_the_default_scale_skips_until_the_scale_fits():
+    """No injection: at GradScaler's default scale (2^16) the fp16 backward overflows; those steps
+    are skipped with the weights untouched and the scale halves until it fits."""
+    model, opt = build("sam", dtype=torch.float32, momentum=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    step = TrainStep(model, opt, mse, autocast_dtype=torch.float16, scaler=scaler)
+    b = batch(0, dtype=torch.float32)
+    skipped = 0
+    while True:
+        params, scale = clone_params(model), scaler.get_scale()
+        result = step([b])
+        if not result.skipped:
+            break
+        skipped += 1
+        assert_same(clone_params(model), params)
+        assert scaler.get_scale() == scale / 2 and opt.step_count == 0
+        assert skipped < 16
+    assert skipped >= 1 and opt.step_count == 1
+    assert not torch.equal(clone_params(model)[0], params[0])
 
 
 @pytest.mark.parametrize("autocast", [None, torch.float16])
@@ -596,6 +627,23 @@ def test_batchnorm_clean_statistics_are_one_forward_per_micro_batch():
             reference(b[0])
         assert_same(buffers(model), buffers(reference))
         assert model.norm.num_batches_tracked.item() == 1
+
+
+def test_batchnorm_policy_follows_buffers_replaced_after_construction():
+    """``model.to(dtype)`` keeps the Parameter objects (the optimizer still works) but replaces the
+    buffer tensors: the policy must act on the model's current buffers."""
+    model = Net(bn=True, dtype=torch.float32)
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO)
+    frozen = TrainStep(model, opt, mse, bn="frozen")
+    model.to(torch.float64)
+    before = buffers(model)
+    frozen([batch(0)])
+    assert_same(buffers(model), before)
+    reference = copy.deepcopy(model)
+    tape = Tape()
+    tape.mark()
+    TrainStep(model, opt, tape, bn="clean")([batch(1)])
+    assert_same(buffers(model), replay(reference, tape, "clean", 1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
   gradients are unscaled once, right after it (norms and ε need true gradients); an inf/NaN in
   any pass, on any rank, skips the whole step: weights, optimizer state and method state untouched;
 * DDP: passes that only feed a per-rank perturbation run under ``no_sync()``; the descent pass
-  syncs once (per-rank ε is m-sharpness; ``sync_perturbation=True`` on the method shares ε);
+  syncs once (per-rank ε is m-sharpness; ``sync_perturbation=True`` on the method shares ε); a
+  forward-only pass that syncs averages its loss over ranks;
 * BatchNorm: running statistics move with the clean pass only (``bn="clean"``: buffers are
   snapshotted before the first perturbed pass and copied back after the step, so ``momentum=None``
   and ``num_batches_tracked`` stay right), with every pass (``"all"``) or never (``"frozen"``);
@@ -39,7 +40,8 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 @dataclass
 class StepResult:
-    """``loss``: the clean loss of the window (a 0-dim tensor, not synced to the host).
+    """``loss``: the clean loss of the window (a 0-dim tensor, not synced to the host; under DDP the
+    rank's own, or the mean over ranks where the clean pass is a synced forward-only pass).
     ``skipped``: True when AMP found inf/NaN and the step was skipped (None without a scaler).
     ``grad_norm``: the descent gradient's norm before clipping (when ``max_grad_norm`` is set)."""
 
@@ -108,7 +110,6 @@ class TrainStep:
         self.max_grad_norm = max_grad_norm
         # A disabled scaler (``GradScaler(enabled=False)``, or a CUDA scaler without CUDA) is a no-op.
         self._amp = scaler is not None and scaler.is_enabled()
-        self._stat_buffers = _running_stat_buffers(model)
 
     # -- helpers ---------------------------------------------------------------------------
     def _autocast(self):
@@ -118,7 +119,8 @@ class TrainStep:
         return torch.autocast(device, dtype=self.autocast_dtype)
 
     def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
-        return [(b, b.detach().clone()) for b in self._stat_buffers]
+        # Looked up at every step: ``model.to(...)``/``.half()`` replace buffer tensors (not parameters).
+        return [(b, b.detach().clone()) for b in _running_stat_buffers(self.model)]
 
     def _unscale(self, found_inf: Tensor) -> None:
         """Unscale this pass's gradients in place, OR-ing inf/NaN into ``found_inf``."""
@@ -154,6 +156,12 @@ class TrainStep:
             total = loss if total is None else total + loss
         if request.backward and self._amp:
             self._unscale(found_inf)
+        if not request.backward and request.sync and ddp:
+            # A forward-only pass that must sync (a loss the plan decides from, e.g. a random-search
+            # candidate shared by all ranks): every rank gets the mean over ranks.
+            group = self.model.process_group
+            torch.distributed.all_reduce(total, group=group)
+            total = total / torch.distributed.get_world_size(group)
         return total
 
     # -- one step ----------------------------------------------------------------------------

@@ -302,7 +302,8 @@ class RandomSearch(Perturbation):
             for j in range(self.candidates):
                 with torch.no_grad():
                     torch._foreach_add_(params, self._delta(opt, params, gidx, j))
-                loss = yield Pass("probe", backward=False, sync=False)
+                # With a shared ε the ranks draw the same candidates and compare global losses.
+                loss = yield Pass("probe", backward=False, sync=opt.sync_perturbation)
                 F.restore_(params, saved)
                 if float(loss) > best_loss:
                     best_j, best_loss = j, float(loss)
@@ -397,8 +398,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         return self._step
 
     def rng_seed(self, stream: int = 0, device_index: int = 0) -> int:
-        """Seed for the method's own generators: a function of (seed, step, rank, stream)."""
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        """Seed for the method's own generators: a function of (seed, step, rank, stream).
+
+        With ``sync_perturbation`` every rank uses rank 0's seed, so random ε is shared."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed and not self.sync_perturbation else 0
         return derive_seed(self.seed, self._step, rank, stream, device_index)
 
     def strengths(self) -> list[float]:
