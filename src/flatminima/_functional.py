@@ -68,8 +68,9 @@ def _cast(scalars: Sequence[Tensor], like: Sequence[Tensor]) -> TensorList:
     return [s.to(t.dtype) for s, t in zip(scalars, like)]
 
 
-def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False) -> TensorList:
-    """The unit-``p``-norm direction ``d`` that maximises ``dᵀx``.
+def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False,
+                   factor: Optional[float] = None) -> TensorList:
+    """The unit-``p``-norm direction ``d`` that maximises ``dᵀx`` (times ``factor`` when given).
 
     ``d = sign(x)·|x|^{q−1} / ‖x‖_q^{q−1}`` with ``1/p + 1/q = 1`` (Foret et al. 2021, eq. 2):
     ``x/‖x‖₂`` for ``p = 2``, ``sign(x)`` for ``p = ∞``, and for ``p = 1`` the mass split evenly
@@ -79,15 +80,16 @@ def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False) -> T
     x = list(x)
     if not x:
         return []
-    if p == 2:
-        if per_tensor:
-            return [t / n.clamp_min(TINY).to(t.dtype) for t, n in zip(x, tensor_norms(x, 2.0))]
-        # One 0-dim tensor for the whole list keeps this a single fused launch (no host sync).
+    if p == 2 and not per_tensor:
+        # One 0-dim tensor for the whole list, with the factor folded in: a single fused launch
+        # and a single pass over the data, no host sync.
         inv = combine_norms(tensor_norms(x, 2.0), 2.0).clamp_min(TINY).reciprocal()
-        return list(torch._foreach_mul(x, inv))
-    if p == math.inf:
-        return list(torch._foreach_sign(x))
-    if p == 1:
+        return list(torch._foreach_mul(x, inv if factor is None else inv * factor))
+    if p == 2:
+        d = [t / n.clamp_min(TINY).to(t.dtype) for t, n in zip(x, tensor_norms(x, 2.0))]
+    elif p == math.inf:
+        d = list(torch._foreach_sign(x))
+    elif p == 1:
         absx = torch._foreach_abs(x)
         peaks = _norms(x, math.inf, per_tensor)
         masks = [(a == m.to(a.dtype)) & (m > 0) for a, m in zip(absx, peaks)]
@@ -96,24 +98,34 @@ def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False) -> T
             total = torch.stack([c.to(counts[0].device) for c in counts]).sum()
             counts = [total] * len(x)
         signs = torch._foreach_sign(x)
-        return [s * m / c.clamp_min(1).to(s.dtype) for s, m, c in zip(signs, masks, counts)]
-    q = p / (p - 1.0)
-    norms = _norms(x, q, per_tensor)
-    mags = torch._foreach_pow(torch._foreach_abs(x), q - 1.0)
-    torch._foreach_mul_(mags, torch._foreach_sign(x))
-    denominators = [n.clamp_min(TINY) ** (q - 1.0) for n in norms]
-    return list(torch._foreach_div(mags, _cast(denominators, mags)))
+        d = [s * m / c.clamp_min(1).to(s.dtype) for s, m, c in zip(signs, masks, counts)]
+    else:
+        q = p / (p - 1.0)
+        norms = _norms(x, q, per_tensor)
+        d = list(torch._foreach_pow(torch._foreach_abs(x), q - 1.0))
+        torch._foreach_mul_(d, torch._foreach_sign(x))
+        denominators = [n.clamp_min(TINY) ** (q - 1.0) for n in norms]
+        d = list(torch._foreach_div(d, _cast(denominators, d)))
+    if factor is not None:
+        torch._foreach_mul_(d, factor)
+    return d
 
 
-def ascent_direction(grads: Sequence[Tensor], scale: ScaleList, p: float, per_tensor: bool = False) -> TensorList:
-    """``T ⊙ dual(T ⊙ g)``: the maximiser of ``uᵀg`` over ``‖T⁻¹u‖_p ≤ 1``.
+def ascent_direction(grads: Sequence[Tensor], scale: ScaleList, p: float, per_tensor: bool = False,
+                     factor: Optional[float] = None) -> TensorList:
+    """``factor·T ⊙ dual(T ⊙ g)``: the maximiser of ``uᵀg`` over ``‖T⁻¹u‖_p ≤ factor``.
 
-    Multiplied by ρ this is SAM's ``ρ·g/‖g‖`` for ``T = 1`` and ``ρ·T²g/‖Tg‖₂`` (ASAM, Layer-SAM,
-    GA-SAM eq. 15) for ``p = 2``.
+    With ``factor = ρ`` this is SAM's ``ρ·g/‖g‖`` for ``T = 1`` and ``ρ·T²g/‖Tg‖₂`` (ASAM,
+    Layer-SAM, GA-SAM eq. 15) for ``p = 2``.
     """
     tg = _mul(grads, scale)
-    direction = dual_direction(tg, p, per_tensor)
+    direction = dual_direction(tg, p, per_tensor, factor)
     return _mul_(direction, scale)
+
+
+def inverse(scale: ScaleList) -> list[Optional[Tensor]]:
+    """``T⁻¹`` (``None`` stays ``None``)."""
+    return [None if s is None else 1.0 / s.clamp_min(TINY) for s in scale]
 
 
 def _mul(xs: Sequence[Tensor], scale: ScaleList) -> TensorList:
@@ -146,12 +158,19 @@ def scale_by_group(tensors: TensorList, factors: Sequence[float | Tensor], group
     return tensors
 
 
-def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p: float, per_tensor: bool = False) -> TensorList:
+def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p: float, per_tensor: bool = False,
+            inv_scale: Optional[ScaleList] = None) -> TensorList:
     """In place projection onto ``{a : ‖T⁻¹a‖_p ≤ ε}`` (GA-SAM eqs. 17–18).
 
-    L2: ``a·min(‖T⁻¹a‖₂, ε)/‖T⁻¹a‖₂``; L∞: ``T·clip(T⁻¹a, −ε, ε)``. ``radius`` is ε per tensor.
+    L2: ``a·min(‖T⁻¹a‖₂, ε)/‖T⁻¹a‖₂``; L∞: ``T·clip(T⁻¹a, −ε, ε)``. ``radius`` is ε per tensor;
+    ``inv_scale`` may pass a precomputed ``T⁻¹`` (the scale is fixed over a step's ascent).
     """
+    uniform = len(set(map(float, radius))) == 1
     if p == math.inf:
+        if uniform and all(s is None for s in scale):
+            torch._foreach_clamp_min_(a, -float(radius[0]))
+            torch._foreach_clamp_max_(a, float(radius[0]))
+            return a
         for x, s, r in zip(a, scale, radius):
             if s is None:
                 x.clamp_(-r, r)
@@ -162,8 +181,13 @@ def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p
         return a
     if p != 2:
         raise ValueError(f"projection is defined for norm 2 or inf, got {p}")
-    inv = [None if s is None else 1.0 / s.clamp_min(TINY) for s in scale]
-    norms = _norms(_mul(a, inv), 2.0, per_tensor)
+    inv = inverse(scale) if inv_scale is None else inv_scale
+    scaled = _mul(a, inv)
+    if not per_tensor and uniform:
+        total = combine_norms(tensor_norms(scaled, 2.0), 2.0)
+        torch._foreach_mul_(a, torch.clamp(float(radius[0]) / total.clamp_min(TINY), max=1.0))
+        return a
+    norms = _norms(scaled, 2.0, per_tensor)
     factors = [torch.clamp(r / n.clamp_min(TINY), max=1.0) for n, r in zip(norms, radius)]
     torch._foreach_mul_(a, _cast(factors, a))
     return a
@@ -171,9 +195,10 @@ def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p
 
 def clone(tensors: Sequence[Tensor]) -> TensorList:
     """Bit-exact copies (the pre-perturbation weights that ``restore`` copies back)."""
-    out = [torch.empty_like(t) for t in tensors]
-    if out:
-        torch._foreach_copy_(out, list(tensors))
+    with torch.no_grad():  # a copy with autograd on would carry a grad_fn per tensor
+        out = [torch.empty_like(t) for t in tensors]
+        if out:
+            torch._foreach_copy_(out, list(tensors))
     return out
 
 

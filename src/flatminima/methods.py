@@ -215,8 +215,9 @@ class StochasticSAM(FlatOptimizer):
 class AESAM(FlatOptimizer):
     """Adaptive policy SAM (Jiang et al., ICLR 2023): SAM only when ``‖g‖² ≥ μ_t + c_t·σ_t``,
     with EMA (``decay``) mean and variance of ``‖g‖²`` and ``c_t`` linear from ``c_start`` to
-    ``c_end`` over ``total_steps`` (constant ``c_start`` without it).
-    Cost: 1 to 2 forward/backward passes per step (about half the steps are SAM steps).
+    ``c_end`` over ``total_steps`` (constant ``(c_start + c_end)/2`` without it).
+    Cost: 1 to 2 forward/backward passes per step (about half the steps are SAM steps with the
+    defaults; fewer as ``c_t`` grows).
     """
 
     def __init__(self, base, rho: float = 0.05, decay: float = 0.9, c_start: float = -1.0, c_end: float = 1.0,

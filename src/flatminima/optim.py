@@ -154,7 +154,7 @@ class LookSAMGradient(Combination):
         clean, perturbed = state, _grads(params)
         dot = torch.stack([(a * b).sum(dtype=F.reduction_dtype(a)) for a, b in zip(clean, perturbed)]).sum()
         coef = dot / (F.global_norm(clean) ** 2).clamp_min(F.TINY)
-        g_v = torch._foreach_sub(perturbed, torch._foreach_mul(clean, [coef.to(c.dtype) for c in clean]))
+        g_v = torch._foreach_sub(perturbed, torch._foreach_mul(clean, coef))
 
         def commit():
             for p, v in zip(params, g_v):
@@ -169,7 +169,7 @@ class LookSAMGradient(Combination):
             return
         grads, g_v = [p.grad for p, _ in pairs], [v for _, v in pairs]
         coef = self.alpha * F.global_norm(grads) / F.global_norm(g_v).clamp_min(F.TINY)
-        torch._foreach_add_(grads, torch._foreach_mul(g_v, [coef.to(v.dtype) for v in g_v]))
+        torch._foreach_add_(grads, torch._foreach_mul(g_v, coef))
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,46 +219,54 @@ class Adversarial(Perturbation):
 
     def run(self, opt, clean_loss):
         params, gidx = opt.scoped_params(with_grad=True)
-        commits: list = []
         if not params:
-            return commits
-        clean = [p.grad for p in params]
-        scale = self.scale(params, clean)
+            return []
+        commits: list = []
+        grads = [p.grad for p in params]
+        scale = self.scale(params, grads)
         mask = None
         if self.mask is not None:
-            mask, commit = self.mask(opt, params, clean)
+            mask, commit = self.mask(opt, params, grads)
             commits.append(commit)
         radius = opt.strengths()
+        sizes = [self.step_size * r / self.steps for r in radius]
+        # One strength for every group (the usual case): fold it into the normalization scalar.
+        factor = sizes[0] if len(set(sizes)) == 1 else None
         radius_per_tensor = [radius[i] for i in gidx]
-        step = [self.step_size * r / self.steps for r in radius]
-        combination = opt.combination
-        every = opt.all_params_with_grad()
+        inv_scale = F.inverse(scale) if self.project else None
+        combination, every = opt.combination, opt.all_params_with_grad()
         saved = F.clone(params)
+        a = state = None
         try:
-            grads, a = clean, None
             for k in range(1, self.steps + 1):
                 with torch.no_grad():
                     g = opt.ascent_gradients(params, grads, gidx)
                     if mask is not None:
                         g = torch._foreach_mul(g, mask)
-                    u = F.ascent_direction(g, scale, self.norm, self.per_tensor)
-                    F.scale_by_group(u, step, gidx)
+                    u = F.ascent_direction(g, scale, self.norm, self.per_tensor, factor)
+                    del g
+                    if factor is None:
+                        F.scale_by_group(u, sizes, gidx)
                     if a is None:
                         a = u
                     else:
                         torch._foreach_add_(a, u)
+                    del u
                     if self.project:
-                        F.project(a, scale, radius_per_tensor, self.norm, self.per_tensor)
+                        F.project(a, scale, radius_per_tensor, self.norm, self.per_tensor, inv_scale)
                     if k > 1:
                         F.restore_(params, saved)
                     torch._foreach_add_(params, a)
-                    if self.steps == 1:
-                        a = None  # ε is only needed again for a further ascent step
+                last = k == self.steps
+                if last:
+                    # Only the saved weights (and what the combination keeps) live through the pass.
+                    a = scale = inv_scale = mask = None
                 if k == 1:
                     state = combination.start(opt, every)
-                last = k == self.steps
+                grads = None
                 yield Pass("perturbed", backward=True, sync=last or combination.uses_clean or opt.sync_perturbation)
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if not last:
+                    grads = _grads(params)
                 combination.after_pass(state, every)
         finally:
             F.restore_(params, saved)
@@ -294,22 +302,25 @@ class RandomSearch(Perturbation):
 
     def run(self, opt, clean_loss):
         params, gidx = opt.scoped_params(with_grad=False)
-        # The choice needs the losses on the host. In the explicit form the clean loss is unknown
-        # and the clean point is then not a candidate.
-        best_j, best_loss = -1, -math.inf if clean_loss is None else float(clean_loss)
         saved = F.clone(params)
+        losses = []
         try:
             for j in range(self.candidates):
                 with torch.no_grad():
                     torch._foreach_add_(params, self._delta(opt, params, gidx, j))
                 # With a shared ε the ranks draw the same candidates and compare global losses.
                 loss = yield Pass("probe", backward=False, sync=opt.sync_perturbation)
+                losses.append(torch.as_tensor(loss).detach().reshape(()))
                 F.restore_(params, saved)
-                if float(loss) > best_loss:
-                    best_j, best_loss = j, float(loss)
-            if best_j >= 0:
+            # In the explicit form the clean loss may be unknown: the clean point is then no candidate.
+            clean = torch.as_tensor(-math.inf if clean_loss is None else clean_loss).detach().reshape(())
+            device = losses[0].device
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            scores = torch.stack([t.to(device, dtype) for t in [clean, *losses]])
+            best = int(scores.argmax()) - 1  # the choice needs the losses on the host: one read
+            if best >= 0:
                 with torch.no_grad():
-                    torch._foreach_add_(params, self._delta(opt, params, gidx, best_j))
+                    torch._foreach_add_(params, self._delta(opt, params, gidx, best))
             yield Pass("perturbed", backward=True, sync=True)
         finally:
             F.restore_(params, saved)

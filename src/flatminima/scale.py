@@ -92,23 +92,49 @@ class Scale:
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ScaleList:
         if self.is_identity:
             return [None] * len(params)
-        kind, gran = self.kind, self.granularity
-        if kind == "one":
-            return [torch.full((), 1.0 + self.eta, dtype=reduction_dtype(p), device=p.device) for p in params]
         with torch.no_grad():
-            if kind == "w":
-                out = group_norms(params, gran)
-            elif kind == "w_over_sqrt_n":
-                out = [w / math.sqrt(n) for w, n in zip(group_norms(params, gran), group_sizes(params, gran))]
-            else:
-                g_norms = [g.clamp_min(TINY) for g in group_norms(grads, gran)]
-                if kind == "w_over_g":
-                    out = [w / g for w, g in zip(group_norms(params, gran), g_norms)]
-                elif kind == "inv_g":
-                    out = [1.0 / g for g in g_norms]
-                else:  # gradient_strength
-                    n = float(sum(p.numel() for p in params))
-                    out = [math.sqrt(ni / n) / g for ni, g in zip(group_sizes(params, gran), g_norms)]
+            if self.kind == "one":
+                return [torch.full((), 1.0 + self.eta, dtype=reduction_dtype(p), device=p.device) for p in params]
+            if self.granularity in ("layer", "model"):
+                return self._per_tensor(params, grads)
+            w = group_norms(params, self.granularity) if self.kind in ("w", "w_over_g", "w_over_sqrt_n") else None
+            g = group_norms(grads, self.granularity) if self.kind in ("w_over_g", "inv_g", "gradient_strength") else None
+            n_i = group_sizes(params, self.granularity)
+            n = float(sum(p.numel() for p in params))
+            out = [self._formula(wi, gi, ni, n) for wi, gi, ni in zip(w or [None] * len(params),
+                                                                     g or [None] * len(params), n_i)]
             if self.eta:
-                out = [t + self.eta for t in out]
-            return [t.to(p.dtype) if t.dim() else t for t, p in zip(out, params)]
+                torch._foreach_add_(out, self.eta)
+            return out
+
+    def _per_tensor(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ScaleList:
+        """Layer- and model-wise ``T``: one value per tensor, computed as one vector (a few
+        kernels, not a few per tensor)."""
+        device = params[0].device
+
+        def stacked(tensors):
+            norms = torch.stack([t.to(device) for t in tensor_norms(tensors, 2.0)])
+            if self.granularity == "model":
+                norms = torch.linalg.vector_norm(norms).expand(len(tensors))
+            return norms
+
+        w = stacked(params) if self.kind in ("w", "w_over_g", "w_over_sqrt_n") else None
+        g = stacked(grads) if self.kind in ("w_over_g", "inv_g", "gradient_strength") else None
+        sizes = torch.tensor(group_sizes(params, self.granularity), dtype=torch.float64, device=device)
+        n = float(sum(p.numel() for p in params))
+        out = self._formula(w, g, sizes.to(w.dtype if w is not None else g.dtype), n) + self.eta
+        return [t if t.device == p.device else t.to(p.device) for t, p in zip(out.unbind(), params)]
+
+    def _formula(self, w, g, n_i, n: float):
+        """``T`` from group norms ``w`` (weights) and ``g`` (gradients) and group sizes ``n_i``."""
+        kind = self.kind
+        if kind == "w":
+            return w
+        if kind == "w_over_sqrt_n":
+            return w / (n_i ** 0.5)
+        g = g.clamp_min(TINY)
+        if kind == "w_over_g":
+            return w / g
+        if kind == "inv_g":
+            return 1.0 / g
+        return (n_i / n) ** 0.5 / g  # gradient_strength

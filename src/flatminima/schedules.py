@@ -205,8 +205,8 @@ class AdaptiveThreshold(Trigger):
     """AE-SAM (Jiang et al. 2023): SAM when ``‖g‖² ≥ μ_t + c_t·σ_t``.
 
     ``μ_t = δμ_{t−1} + (1−δ)‖g_t‖²``, ``σ²_t = δσ²_{t−1} + (1−δ)(‖g_t‖² − μ_t)²`` (EMA with decay
-    ``δ``), ``c_t`` linear from ``c_start`` to ``c_end`` over ``total_steps`` (constant when
-    ``total_steps`` is None). The statistics are updated before the comparison, as in the paper's
+    ``δ``), ``c_t`` linear from ``c_start`` to ``c_end`` over ``total_steps`` (their mean when
+    ``total_steps`` is None: with the defaults, SAM on the steps whose ``‖g‖²`` is above average). The statistics are updated before the comparison, as in the paper's
     Algorithm 1, and only when the optimizer really steps.
     """
 
@@ -217,7 +217,7 @@ class AdaptiveThreshold(Trigger):
 
     def c(self, step: int) -> float:
         if self.total_steps is None:
-            return self.c_start
+            return 0.5 * (self.c_start + self.c_end)
         return self.c_start + (self.c_end - self.c_start) * min(step / self.total_steps, 1.0)
 
     def before(self, step: int) -> Optional[bool]:
