@@ -96,7 +96,8 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
 
 FASHION_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
                  "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
-FASHION_PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_IN_DEB = "usr/share/datasets/fashion-mnist"  # where the Debian package puts the files
+FASHION_PACKAGE_DIR = Path("/") / _FASHION_IN_DEB
 FASHION_ENV = "FLATMINIMA_FASHION_MNIST"
 
 
@@ -143,7 +144,7 @@ def _fetch_with_apt(dest: Path) -> None:
                        timeout=600)
         deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
         subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True, capture_output=True, timeout=600)
-        _copy_fashion(Path(tmp) / "x" / FASHION_PACKAGE_DIR.relative_to("/"), dest)
+        _copy_fashion(Path(tmp) / "x" / _FASHION_IN_DEB, dest)
 
 
 def _fetch_with_torchvision(dest: Path) -> None:
@@ -158,8 +159,10 @@ def _copy_fashion(src: Path, dest: Path) -> None:
     if not _has_fashion(src):
         raise RuntimeError(f"the Fashion-MNIST files are not in {src}")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in FASHION_FILES.values():
-        shutil.copyfile(src / name, dest / name)
+    for name in FASHION_FILES.values():  # via a temporary name: an interrupted copy leaves no truncated file
+        part = dest / f"{name}.part{os.getpid()}"
+        shutil.copyfile(src / name, part)
+        part.replace(dest / name)
 
 
 def find_fashion_mnist(root: Optional[PathLike] = None, fetch: bool = True) -> Path:
@@ -260,11 +263,16 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def load_task(name: str, **options) -> Dataset:
-    """Load task ``name`` with its loader's keyword ``options``."""
+def task_loader(name: str) -> Callable[..., Dataset]:
+    """The loader registered as task ``name``."""
     if name not in _TASKS:
         raise ValueError(f"Invalid task: {name!r} (expected one of {', '.join(available_tasks())})")
-    return _TASKS[name](**options)
+    return _TASKS[name]
+
+
+def load_task(name: str, **options) -> Dataset:
+    """Load task ``name`` with its loader's keyword ``options``."""
+    return task_loader(name)(**options)
 
 
 register_task("digits")(load_digits)

@@ -25,7 +25,7 @@ def _window_means(values: Sequence[float], window: int) -> tuple[np.ndarray, np.
 
 
 def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | str, title: Optional[str] = None,
-                         points: int = 100) -> None:
+                         points: int = 40) -> None:
     """Train loss (per-step loss averaged over windows, ~``points`` per curve, log scale) and test
     accuracy against the optimizer step: mean over seeds, shaded ±1 std, one colour per method.
 
@@ -35,6 +35,7 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     by_method: dict[str, list[dict]] = {}
     for r in records:
@@ -62,6 +63,9 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
     finals = [100 * np.mean([r["curves"]["test_acc"][-1] for r in runs]) for runs in by_method.values()]
     if finals:
         ax_acc.set_ylim(max(0.0, min(finals) - 10.0), min(100.0, max(finals) + 3.0))
+    ax_loss.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (ax_loss, ax_acc):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
