@@ -28,15 +28,6 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _closure(model, x, y):
     def closure(backward=True):
         loss = nn.functional.cross_entropy(model(x), y)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 import flatminima as fm
+from helpers import InfGrad
 from flatminima.engine import StepResult, TrainStep, record_unscaled
 
 DT = torch.float64
@@ -31,13 +32,6 @@ TIGHT = dict(rtol=1e-12, atol=1e-13)
 # Fixtures
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost (OpenMP barriers stall badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
@@ -369,18 +363,7 @@ def test_exception_in_a_pass_leaves_everything_untouched(method, n, fail_at, bn)
 # fp16 GradScaler and autocast
 
 
-class _InfGrad(torch.autograd.Function):
-    """Identity forward; the backward puts +inf into the first entry of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        g.view(-1)[0] = float("inf")
-        return g
+_InfGrad = InfGrad
 
 
 class Injector:

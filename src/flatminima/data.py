@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -246,28 +248,17 @@ def load_fashion_mnist(root: Optional[PathLike] = None, subset: Optional[int] = 
 # --------------------------------------------------------------------------------------------
 # task registry
 
-_TASKS: dict[str, Callable[..., Dataset]] = {}
-
-
-def register_task(name: str):
-    """Decorator registering ``loader(**options) -> Dataset`` as task ``name``."""
-
-    def deco(fn):
-        _TASKS[name] = fn
-        return fn
-
-    return deco
+TASKS: Registry[Callable[..., Dataset]] = Registry("task")
+register_task = TASKS.register
 
 
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def task_loader(name: str) -> Callable[..., Dataset]:
     """The loader registered as task ``name``."""
-    if name not in _TASKS:
-        raise ValueError(f"Invalid task: {name!r} (expected one of {', '.join(available_tasks())})")
-    return _TASKS[name]
+    return TASKS.get(name)
 
 
 def load_task(name: str, **options) -> Dataset:

@@ -34,32 +34,22 @@ from torch import nn
 from . import methods as _methods
 from .data import Dataset, available_tasks, load_task, task_loader
 from .engine import TrainStep
+from .registry import Registry
 from .models import MLP, SmallCNN, resnet18_cifar
 
 # --------------------------------------------------------------------------------------------
 # models
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    """Decorator registering ``builder(dataset, **options) -> nn.Module`` as model ``name``."""
-
-    def deco(fn):
-        _MODELS[name] = fn
-        return fn
-
-    return deco
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+register_model = MODELS.register
 
 
 def available_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def build_model(name: str, data: Dataset, **options: Any) -> nn.Module:
-    if name not in _MODELS:
-        raise ValueError(f"Invalid model: {name!r} (expected one of {', '.join(available_models())})")
-    return _MODELS[name](data, **options)
+    return MODELS.get(name)(data, **options)
 
 
 @register_model("mlp")
@@ -175,7 +165,7 @@ class ExperimentConfig:
             _fail("task", self.task, f"one of {', '.join(available_tasks())}")
         if self.model not in available_models():
             _fail("model", self.model, f"one of {', '.join(available_models())}")
-        for key, fn in (("task_options", task_loader(self.task)), ("model_options", _MODELS[self.model])):
+        for key, fn in (("task_options", task_loader(self.task)), ("model_options", MODELS.get(self.model))):
             options = getattr(self, key)
             if not isinstance(options, dict):
                 _fail(key, options, "a mapping of keyword arguments")

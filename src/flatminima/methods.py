@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -19,40 +18,31 @@ from torch import Tensor
 
 from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, PerturbedGradient, RandomSearch,
                     check, check_int, check_nonnegative, check_norm)
+from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale
 from .schedules import AdaptiveThreshold, Every, Probability, StartAt, step_generator
 
-_REGISTRY: dict[str, type] = {}
-_CANONICAL: dict[str, str] = {}
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[-_\s]", "", name.lower())
+METHODS: Registry[type] = Registry("method name")
 
 
 def register(name: str, *aliases: str):
     """Class decorator adding a method to the registry under ``name`` (and ``aliases``)."""
 
     def deco(cls):
-        for n in (name, *aliases):
-            _REGISTRY[_key(n)] = cls
-        _CANONICAL[name] = cls.__name__
         cls.method_name = name
-        return cls
+        return METHODS.register(name, *aliases)(cls)
 
     return deco
 
 
 def available() -> list[str]:
     """Names accepted by :func:`create`."""
-    return sorted(_CANONICAL)
+    return METHODS.names()
 
 
 def get(name: str) -> type:
     """The method class registered under ``name`` (case, ``-`` and ``_`` ignored)."""
-    if not isinstance(name, str) or _key(name) not in _REGISTRY:
-        raise ValueError(f"Invalid method name: {name!r} (expected one of {', '.join(available())})")
-    return _REGISTRY[_key(name)]
+    return METHODS.get(name)
 
 
 def hyperparameters(name: str) -> list[str]:
