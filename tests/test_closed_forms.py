@@ -246,7 +246,7 @@ def test_aesam_threshold():
     A = model.A
     x = model.flat().detach().clone()
     mean = var = None
-    for step in range(4):
+    for _step in range(4):
         g = A @ x
         sq = float(g @ g)
         if mean is None:

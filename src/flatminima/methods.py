@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
 
-from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, PerturbedGradient, RandomSearch,
+from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, RandomSearch,
                     check, check_int, check_nonnegative, check_norm)
 from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale

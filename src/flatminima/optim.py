@@ -291,7 +291,7 @@ class RandomSearch(Perturbation):
     def _delta(self, opt, params, gidx, j: int) -> list[Tensor]:
         gen = {}
         z = []
-        for idx, p in enumerate(params):
+        for _idx, p in enumerate(params):
             dev = p.device
             if dev not in gen:
                 gen[dev] = torch.Generator(device=dev)

@@ -22,7 +22,7 @@ Groups ``i`` (``granularity``): ``"model"`` (one group), ``"layer"`` (a tensor),
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor

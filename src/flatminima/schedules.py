@@ -13,7 +13,7 @@ when the optimizer really steps (an AMP-skipped step leaves it alone) is returne
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
