@@ -25,9 +25,11 @@ CASES = {
     "aesam": {"rho": 0.05},
     "ssam": {"rho": 0.05, "sparsity": 0.5, "interval": 2},
     "randomsearchsam": {"rho": 0.05, "candidates": 3},
+    "rwp": {"sigma": 0.05, "fisher_eta": 1.0},
+    "mrwp": {"sigma": 0.05},
 }
 NAMES = sorted(CASES)
-STRENGTH = {"gasam": "epsilon", "multistepsam": "epsilon"}
+STRENGTH = {"gasam": "epsilon", "multistepsam": "epsilon", "rwp": "sigma", "mrwp": "sigma"}
 
 
 def test_registry_is_covered():
@@ -187,7 +189,7 @@ def test_exception_in_a_perturbed_pass_restores_everything(name):
     opt.step(net.closure())
     opt.step(net.closure())
     before, state = snapshot(net), copy.deepcopy(opt.state_dict())
-    fail_on = 2  # the first pass that runs at perturbed weights (a probe for random search)
+    fail_on = 1 if name == "rwp" else 2  # the first pass at perturbed weights (RWP has no clean pass)
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(net.closure(fail_on_call=fail_on))
     assert bit_equal(before, snapshot(net))
@@ -344,6 +346,11 @@ BAD = [
     ("ssam", {"interval": 0}, "interval"),
     ("ssam", {"fraction": 2.0}, "fraction"),
     ("randomsearchsam", {"candidates": 0}, "candidates"),
+    ("rwp", {"sigma": -0.01}, "sigma"),
+    ("rwp", {"noise": "gaussian"}, "noise"),
+    ("rwp", {"fisher_eta": -1.0}, "fisher_eta"),
+    ("rwp", {"fisher_decay": 1.0}, "fisher_decay"),
+    ("mrwp", {"noisy_weight": 1.5}, "noisy_weight"),
 ]
 
 

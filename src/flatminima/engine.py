@@ -136,7 +136,7 @@ class TrainStep:
     # -- one pass ----------------------------------------------------------------------------
     def _run_pass(self, request: Pass, micro_batches: Sequence[Any], found_inf: Optional[Tensor]) -> Tensor:
         n = len(micro_batches)
-        if request.role == "perturbed" and self.accumulation == "last":
+        if request.role == "perturbed" and self.accumulation == "last" and not request.full_window:
             batches, weight = micro_batches[-1:], 1.0
         else:
             batches, weight = micro_batches, 1.0 / n

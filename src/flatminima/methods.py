@@ -16,8 +16,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
-from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, RandomSearch,
-                    check, check_int, check_nonnegative, check_norm)
+from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise,
+                    RandomSearch, check, check_int, check_nonnegative, check_norm)
 from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale
 from .schedules import AdaptiveThreshold, Every, Probability, StartAt, step_generator
@@ -304,3 +304,53 @@ class RandomSearchSAM(FlatOptimizer):
         check_int("candidates", candidates, 1)
         super().__init__(base, perturbation=RandomSearch(candidates, per_tensor=_per_tensor(normalization)),
                          strength=rho, **common)
+
+
+#: The noise scales ``S`` of seed 000, as scales of the weights.
+NOISE_SCALES = {
+    "uniform": Scale("one"),
+    "matrix": Scale("w", "layer"),
+    "element": Scale("w", "element"),
+    "filter": Scale("w", "filter"),
+    "flatlora": Scale("w_over_sqrt_n", "filter"),
+}
+
+
+def _random_noise(noise: str, fisher_eta: float, fisher_decay: float) -> RandomNoise:
+    _check_choice("noise", noise, tuple(NOISE_SCALES))
+    check_nonnegative("fisher_eta", fisher_eta)
+    check("fisher_decay", isinstance(fisher_decay, (int, float)) and 0.0 <= fisher_decay < 1.0, fisher_decay,
+          "a float in [0, 1)")
+    return RandomNoise(NOISE_SCALES[noise], float(fisher_eta), float(fisher_decay))
+
+
+@register("rwp")
+class RWP(FlatOptimizer):
+    """Random weight perturbation (Bayes objective ``E_ε L(w + ε)``; Li et al., 2024; seeds 000, 004).
+
+    ``ε = σ·Z ⊙ S`` with ``noise`` the scale ``S``: ``"uniform"`` (1), ``"matrix"`` (``‖W‖_F``),
+    ``"element"`` (``|W_ij|``), ``"filter"`` (``‖W_{i,:}‖₂``, an output row / channel; 1-D tensors use
+    their own norm), ``"flatlora"`` (``‖W_{i,:}‖₂/√n_in``); Fisher-damped ``S/√(1 + η·F)`` with
+    ``fisher_eta = η > 0``. Descend along ``∇L(w + ε)`` (no clean pass). Cost: 1 fb.
+    """
+
+    def __init__(self, base, sigma: float = 0.015, noise: str = "filter", fisher_eta: float = 0.0,
+                 fisher_decay: float = 0.99, **common):
+        super().__init__(base, perturbation=_random_noise(noise, fisher_eta, fisher_decay),
+                         strength_key="sigma", strength=sigma, **common)
+
+
+@register("mrwp", "m-rwp")
+class MRWP(FlatOptimizer):
+    """Mixed random weight perturbation (Li et al., 2024; seed 004, eq. 8):
+    descend along ``λ·∇L(w + ε) + (1 − λ)·∇L(w)``, ``λ = noisy_weight`` (eq. 8 and Algorithm 2 put
+    λ on different terms; here it always weighs the noisy gradient), ε as in :class:`RWP`.
+    Cost: 2 fb.
+    """
+
+    def __init__(self, base, sigma: float = 0.015, noisy_weight: float = 0.5, noise: str = "filter",
+                 fisher_eta: float = 0.0, fisher_decay: float = 0.99, **common):
+        check("noisy_weight", isinstance(noisy_weight, (int, float)) and 0.0 <= noisy_weight <= 1.0, noisy_weight,
+              "a float in [0, 1]")
+        super().__init__(base, perturbation=_random_noise(noise, fisher_eta, fisher_decay),
+                         combination=MixGradient(float(noisy_weight)), strength_key="sigma", strength=sigma, **common)

@@ -38,7 +38,8 @@ class Pass:
     """One forward(/backward) pass a plan asks for.
 
     ``role``: ``"clean"`` (at ``w``), ``"perturbed"`` (at the perturbed weights) or ``"probe"`` (a
-    forward-only evaluation). ``backward``: whether gradients are needed. ``sync``: whether a DDP
+    forward-only evaluation). A step starts with the clean pass unless the method needs no
+    clean gradient at all (RWP). ``backward``: whether gradients are needed. ``sync``: whether a DDP
     runner must all-reduce this pass's gradients (passes that only feed a per-rank perturbation do
     not). Every pass with ``backward`` starts from empty ``.grad`` (the driver sets them to None).
     """
@@ -46,6 +47,9 @@ class Pass:
     role: str
     backward: bool = True
     sync: bool = True
+    #: Under gradient accumulation, run over every micro-batch even when the engine would run a
+    #: perturbed pass on the last one only (a step without a clean pass: RWP).
+    full_window: bool = False
 
 
 Plan = Generator[Pass, Any, list]
@@ -179,7 +183,9 @@ class LookSAMGradient(Combination):
 class Perturbation:
     """Makes ε and asks for the passes at the perturbed weights (a sub-plan)."""
 
-    #: Whether the clean pass must produce gradients.
+    #: Whether the step starts with a pass at ``w`` (also for the loss only)…
+    needs_clean_pass = True
+    #: …and whether that pass must produce gradients.
     needs_clean_grad = True
 
     def run(self, opt: "FlatOptimizer", clean_loss: Any) -> Plan:
@@ -327,6 +333,93 @@ class RandomSearch(Perturbation):
         return []
 
 
+class RandomNoise(Perturbation):
+    """Random weight perturbation ``ε = σ·Z ⊙ S`` (DESIGN.md §3; seeds 000 and 004).
+
+    ``Z ~ N(0, 1)`` from a generator per tensor seeded by (seed, step, rank, tensor index), so one
+    draw per optimizer step, reproducible and resumable, never the global RNG. ``S`` is a
+    :class:`~flatminima.scale.Scale` of the weights (uniform, matrix ``‖W‖_F``, element ``|W|``,
+    filter ``‖W_{i,:}‖``, Flat-LoRA ``‖W_{i,:}‖/√n_in``), Fisher-damped to ``S/√(1 + η·F)`` when
+    ``fisher_eta > 0``, with ``F`` an EMA (``fisher_decay``) of the squared descent gradient. The
+    noise is made and added one tensor at a time; the weights are restored from a copy.
+    """
+
+    needs_clean_pass = False
+    needs_clean_grad = False
+
+    def __init__(self, scale, fisher_eta: float = 0.0, fisher_decay: float = 0.99):
+        self.scale, self.fisher_eta, self.fisher_decay = scale, fisher_eta, fisher_decay
+
+    def noise(self, opt: "FlatOptimizer", params: list[Tensor], gidx: list[int]) -> Iterator[Tensor]:
+        """ε per tensor, made lazily (at most one tensor's noise exists at a time)."""
+        sigma = opt.strengths()
+        scale = self.scale(params, params)
+        for i, (p, s) in enumerate(zip(params, scale)):
+            gen = torch.Generator(device=p.device).manual_seed(opt.rng_seed(stream=i))
+            z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            if s is not None:
+                z.mul_(s)
+            fisher = opt.state[p].get("fisher") if self.fisher_eta else None
+            if fisher is not None:
+                z.div_(torch.sqrt(1.0 + self.fisher_eta * fisher))
+            yield z.mul_(sigma[gidx[i]])
+
+    def run(self, opt, clean_loss):
+        params, gidx = opt.scoped_params(with_grad=False)
+        combination, every = opt.combination, opt.all_params_with_grad()
+        saved = F.clone(params)
+        try:
+            with torch.no_grad():
+                for p, eps in zip(params, self.noise(opt, params, gidx)):
+                    p.add_(eps)
+            state = combination.start(opt, every)
+            yield Pass("perturbed", backward=True, sync=True, full_window=not combination.uses_clean)
+        finally:
+            F.restore_(params, saved)
+        every = opt.all_params_with_grad()
+        combination.after_pass(state, every)
+        commits = [combination.finish(opt, state, every, 1)]
+        if self.fisher_eta:
+            commits.append(self._fisher_commit(opt, params))
+        return commits
+
+    def _fisher_commit(self, opt, params) -> Callable[[], None]:
+        """``F ← β·F + (1 − β)·g²`` from the descent gradient, applied when the step is taken."""
+        beta = self.fisher_decay
+        grads = [(p, p.grad.detach().square()) for p in params if p.grad is not None]
+
+        def commit():
+            for p, sq in grads:
+                old = opt.state[p].get("fisher")
+                opt.state[p]["fisher"] = sq.mul_(1 - beta) if old is None else old.mul_(beta).add_(sq, alpha=1 - beta)
+
+        return commit
+
+
+class MixGradient(Combination):
+    """m-RWP (seed 004, eq. 8): descend along ``λ·∇L(w + ε) + (1 − λ)·∇L(w)``, ``λ = noisy_weight``."""
+
+    uses_clean = True
+
+    def __init__(self, noisy_weight: float):
+        self.noisy_weight = noisy_weight
+
+    def __repr__(self) -> str:
+        return f"MixGradient(noisy_weight={self.noisy_weight})"
+
+    def start(self, opt, params):
+        return params, _grads(params)
+
+    def finish(self, opt, state, params, passes):
+        clean_params, clean = state
+        noisy = _grads(clean_params)
+        torch._foreach_mul_(noisy, self.noisy_weight)
+        torch._foreach_add_(noisy, clean, alpha=1.0 - self.noisy_weight)
+        for p, g in zip(clean_params, noisy):
+            p.grad = g
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # Scope: which tensors move
 
@@ -460,9 +553,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         fire = self.trigger.before(step)
         if isinstance(self.perturbation, NoPerturbation):
             fire = False
-        clean_backward = fire is not True or self.perturbation.needs_clean_grad
-        clean_sync = fire is not True or self.sync_perturbation or self.combination.uses_clean
-        clean_loss = yield Pass("clean", backward=clean_backward, sync=clean_sync)
+        clean_loss = None
+        if fire is not True or self.perturbation.needs_clean_pass or self.combination.uses_clean:
+            clean_backward = fire is not True or self.perturbation.needs_clean_grad or self.combination.uses_clean
+            clean_sync = fire is not True or self.sync_perturbation or self.combination.uses_clean
+            clean_loss = yield Pass("clean", backward=clean_backward, sync=clean_sync)
         commits: list = []
         if fire is None:
             params, _ = self.scoped_params(with_grad=True)
@@ -529,8 +624,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         if self._plan_gen is None:
             request = self._start()
             # The caller has already run the clean pass. A method that wants only the clean loss
-            # (random search) gets it from ``forward`` when given.
-            if not request.backward and forward is not None:
+            # (random search) gets it from ``forward`` when given; a method without a clean pass
+            # (RWP) starts with a perturbed pass, which the caller runs next.
+            if request.role != "clean":
+                self._request = request
+            elif not request.backward and forward is not None:
                 with torch.no_grad():
                     self._advance(forward())
             else:
@@ -594,8 +692,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     # -- torch.optim.Optimizer API -----------------------------------------------------------
     def step(self, closure: Optional[Callable[..., Any]] = None) -> Any:
         """One optimizer step. With a closure (forward + backward, returns the loss) the method
-        runs every pass itself and returns the clean loss; without one, the passes must already
-        have run (explicit form)."""
+        runs every pass itself and returns the loss of the step's first pass (the clean loss;
+        for RWP, which has no clean pass, the loss at ``w + ε``); without one, the passes must
+        already have run (explicit form)."""
         loss = None
         if closure is not None:
             loss = self.run_plan(_closure_runner(closure))

@@ -1,0 +1,164 @@
+"""Random weight perturbation (RWP, m-RWP): closed forms on ½xᵀAx in float64, the noise scales of
+seed 000, Fisher damping, and the accumulation semantics of DESIGN.md §4."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import flatminima as fm
+from helpers import Quadratic
+
+LR, SIGMA = 0.1, 0.05
+TOL = dict(rtol=0, atol=1e-12)
+
+
+def hand_scale(W: torch.Tensor, b: torch.Tensor, noise: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S`` for the 2×3 matrix and the 2-vector (1-D tensors use their own norm)."""
+    if noise == "uniform":
+        return torch.ones_like(W), torch.ones_like(b)
+    if noise == "matrix":
+        return W.norm().expand_as(W), b.norm().expand_as(b)
+    if noise == "element":
+        return W.abs(), b.abs()
+    if noise == "filter":
+        return W.norm(dim=1, keepdim=True).expand_as(W), b.norm().expand_as(b)
+    return (W.norm(dim=1, keepdim=True) / math.sqrt(3)).expand_as(W), (b.norm() / math.sqrt(2)).expand_as(b)
+
+
+def hand_noise(opt: fm.FlatOptimizer, model: Quadratic, noise: str, fisher=None, eta=0.0) -> torch.Tensor:
+    """ε = σ·Z ⊙ S with Z regenerated from the method's documented seeding (seed, step, rank, tensor)."""
+    out = []
+    for i, (p, s) in enumerate(zip((model.W, model.b), hand_scale(model.W.detach(), model.b.detach(), noise))):
+        z = torch.randn(p.shape, generator=torch.Generator().manual_seed(opt.rng_seed(stream=i)), dtype=p.dtype)
+        e = SIGMA * z * s
+        if fisher is not None:
+            e = e / torch.sqrt(1 + eta * fisher[i])
+        out.append(e.flatten())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("noise", ["uniform", "matrix", "element", "filter", "flatlora"])
+def test_rwp_closed_form(noise):
+    model = Quadratic()
+    opt = fm.RWP(torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, noise=noise, seed=7)
+    A, x = model.A, model.flat().detach().clone()
+    eps = hand_noise(opt, model, noise)
+    calls = []
+
+    def closure(backward=True):
+        calls.append(model.flat().detach().clone())
+        return model.closure()(backward)
+
+    loss = opt.step(closure)
+    assert len(calls) == 1  # one pass, at w + ε: no clean pass
+    torch.testing.assert_close(calls[0], x + eps, **TOL)
+    torch.testing.assert_close(loss, 0.5 * (x + eps) @ A @ (x + eps), **TOL)
+    torch.testing.assert_close(model.flat().detach(), x - LR * A @ (x + eps), **TOL)
+
+
+@pytest.mark.parametrize("noisy_weight", [0.5, 0.8, 0.0, 1.0])
+def test_mrwp_closed_form(noisy_weight):
+    model = Quadratic()
+    opt = fm.MRWP(torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, noisy_weight=noisy_weight)
+    A, x = model.A, model.flat().detach().clone()
+    eps = hand_noise(opt, model, "filter")
+    loss = opt.step(model.closure())
+    torch.testing.assert_close(loss, 0.5 * x @ A @ x, **TOL)  # the clean loss
+    expected = x - LR * (noisy_weight * A @ (x + eps) + (1 - noisy_weight) * A @ x)
+    torch.testing.assert_close(model.flat().detach(), expected, **TOL)
+
+
+def test_fisher_damping():
+    """Step 1's noise is S/√(1 + η·F) with F = (1 − β)·g₀², g₀ the descent gradient of step 0."""
+    model = Quadratic()
+    opt = fm.RWP(torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, fisher_eta=2.0, fisher_decay=0.9)
+    A, x0 = model.A, model.flat().detach().clone()
+    eps0 = hand_noise(opt, model, "filter")
+    opt.step(model.closure())
+    g0 = A @ (x0 + eps0)
+    x1 = x0 - LR * g0
+    fisher = [(0.1 * g0[:6] ** 2).view(2, 3), 0.1 * g0[6:] ** 2]
+    eps1 = hand_noise(opt, model, "filter", fisher, eta=2.0)
+    opt.step(model.closure())
+    torch.testing.assert_close(model.flat().detach(), x1 - LR * A @ (x1 + eps1), **TOL)
+    torch.testing.assert_close(opt.state[model.W]["fisher"].flatten(), 0.9 * fisher[0].flatten()
+                               + 0.1 * (A @ (x1 + eps1))[:6] ** 2, **TOL)
+
+
+def test_noise_is_drawn_once_per_step_and_differs_between_steps_and_seeds():
+    def first_eps(seed, steps):
+        model = Quadratic()
+        opt = fm.RWP(torch.optim.SGD(model.parameters(), lr=0.0), sigma=SIGMA, seed=seed)
+        seen = []
+
+        def closure(backward=True):
+            seen.append(model.flat().detach().clone())
+            return model.closure()(backward)
+
+        for _ in range(steps):
+            opt.step(closure)
+        return seen
+
+    a, b, c = first_eps(0, 2), first_eps(0, 2), first_eps(1, 2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], c[0])
+
+
+class LeastSquares(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+
+    @staticmethod
+    def loss(model, batch):
+        X, y = batch
+        return 0.5 * ((X @ model.w.T - y) ** 2).sum(1).mean()
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
+            for _ in range(n)]
+
+
+def grad_at(w, batch):
+    w = w.clone().requires_grad_(True)
+    X, y = batch
+    (0.5 * ((X @ w.T - y) ** 2).sum(1).mean()).backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("accumulation", ["last", "full"])
+def test_accumulation_semantics(accumulation):
+    """RWP: the noisy pass is the whole gradient, over every micro-batch. m-RWP ("last"): N clean
+    passes and one noisy pass on the last micro-batch, g = λ·g_noisy + (1 − λ)·mean g_clean."""
+    mbs = batches(3)
+    for method, hp in (("rwp", {}), ("mrwp", {"noisy_weight": 0.7})):
+        model = LeastSquares()
+        opt = fm.create(method, torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, noise="element", **hp)
+        w = model.w.detach().clone()
+        z = torch.randn(w.shape, generator=torch.Generator().manual_seed(opt.rng_seed(stream=0)), dtype=w.dtype)
+        eps = SIGMA * z * w.abs()
+        fm.TrainStep(model, opt, LeastSquares.loss, accumulation=accumulation)(mbs)
+        noisy_over = mbs if (method == "rwp" or accumulation == "full") else mbs[-1:]
+        noisy = sum(grad_at(w + eps, b) for b in noisy_over) / len(noisy_over)
+        clean = sum(grad_at(w, b) for b in mbs) / len(mbs)
+        g = noisy if method == "rwp" else 0.7 * noisy + 0.3 * clean
+        torch.testing.assert_close(model.w.detach(), w - LR * g, **TOL)
+
+
+def test_explicit_form_for_rwp_has_no_clean_pass():
+    a, b = Quadratic(), Quadratic()
+    opt_a = fm.RWP(torch.optim.SGD(a.parameters(), lr=LR), sigma=SIGMA)
+    opt_b = fm.RWP(torch.optim.SGD(b.parameters(), lr=LR), sigma=SIGMA)
+    for _ in range(3):
+        opt_a.step(a.closure())
+        with opt_b.perturbed():
+            b.closure()()
+        opt_b.step()
+    assert torch.equal(a.flat(), b.flat())
