@@ -395,3 +395,21 @@ def test_scope_limits_the_perturbation():
     eps = torch.zeros_like(x)
     eps[:6] = 0.05 * g[:6] / g[:6].norm()
     torch.testing.assert_close(model.flat().detach(), x - 0.1 * A @ (x + eps), rtol=0, atol=1e-12)
+
+
+def test_name_scope():
+    net = Net()
+    weights = fm.params_by_name(net, include=r"weight$")
+    assert [p.shape for p in weights] == [torch.Size([8, 6]), torch.Size([3, 8])]
+    assert fm.params_by_name(net, exclude=r"bias") == weights
+    a, b = Net(), Net()
+    opt_a = fm.SAM(torch.optim.SGD(a.parameters(), lr=0.1), scope=fm.params_by_name(a, exclude="bias"))
+    opt_b = fm.SAM(torch.optim.SGD(b.parameters(), lr=0.1), scope=lambda p: p.dim() == 2)
+    for _ in range(3):
+        opt_a.step(a.closure())
+        opt_b.step(b.closure())
+    assert bit_equal(snapshot(a), snapshot(b))
+    with pytest.raises(ValueError, match="include"):
+        fm.params_by_name(net, include="(")
+    with pytest.raises(ValueError, match="at least one"):
+        fm.params_by_name(net, include="conv")

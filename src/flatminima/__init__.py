@@ -8,14 +8,14 @@
 from . import schedules
 from .methods import (AESAM, ASAM, GASAM, MRWP, RWP, SAM, SSAM, Base, LayerSAM, LookSAM, MultiStepSAM,
                       RandomSearchSAM, StochasticSAM, available, create, get, hyperparameters, register)
-from .optim import FlatOptimizer, Pass
+from .optim import FlatOptimizer, Pass, params_by_name
 from .engine import StepResult, TrainStep, train_step
 from .scale import Scale
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AESAM", "ASAM", "Base", "MRWP", "RWP", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
+    "AESAM", "ASAM", "Base", "params_by_name", "MRWP", "RWP", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
     "RandomSearchSAM", "SAM", "SSAM", "Scale", "StochasticSAM", "available", "create", "get", "hyperparameters",
     "register", "schedules", "StepResult", "TrainStep", "train_step",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Sequence, Union
@@ -424,6 +425,23 @@ class MixGradient(Combination):
 # Scope: which tensors move
 
 ScopeSpec = Union[None, Iterable[Tensor], Callable[[Tensor], bool]]
+
+
+def params_by_name(model: torch.nn.Module, include: Optional[str] = None, exclude: Optional[str] = None) -> list[Tensor]:
+    """The parameters of ``model`` whose qualified names match the regex ``include`` (``re.search``;
+    all when None) and not ``exclude``: a name scope, e.g. ``exclude=r"bias|norm"``."""
+    patterns = {}
+    for name, pattern in (("include", include), ("exclude", exclude)):
+        if pattern is not None:
+            try:
+                patterns[name] = re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"Invalid {name}: {pattern!r} (expected a regular expression: {exc})") from None
+    chosen = [p for n, p in model.named_parameters()
+              if ("include" not in patterns or patterns["include"].search(n))
+              and not ("exclude" in patterns and patterns["exclude"].search(n))]
+    check("include/exclude", bool(chosen), (include, exclude), "patterns that select at least one parameter")
+    return chosen
 
 
 def _scope_predicate(scope: ScopeSpec) -> Optional[Callable[[Tensor], bool]]:
