@@ -27,9 +27,10 @@ CASES = {
     "randomsearchsam": {"rho": 0.05, "candidates": 3},
     "rwp": {"sigma": 0.05, "fisher_eta": 1.0},
     "mrwp": {"sigma": 0.05},
+    "lpfsgd": {"sigma": 0.05, "samples": 3},
 }
 NAMES = sorted(CASES)
-STRENGTH = {"gasam": "epsilon", "multistepsam": "epsilon", "rwp": "sigma", "mrwp": "sigma"}
+STRENGTH = {"gasam": "epsilon", "multistepsam": "epsilon", "rwp": "sigma", "mrwp": "sigma", "lpfsgd": "sigma"}
 
 
 def test_registry_is_covered():
@@ -85,6 +86,8 @@ def test_zero_strength_is_the_base_optimizer_bit_for_bit(name, make_base):
         hp["alpha"] = 0.0  # LookSAM's reuse term is normalized: it vanishes only with α = 0
     if "steps" in hp:
         hp["steps"] = 1  # the mean of K + 1 > 2 equal gradients is g only up to rounding
+    if "samples" in hp:
+        hp["samples"] = 1  # likewise LPF-SGD's mean over M > 2 draws
     ref, net = Net(), Net()
     base_ref = make_base(ref.parameters())
     opt = fm.create(name, make_base(net.parameters()), **hp)
@@ -189,7 +192,7 @@ def test_exception_in_a_perturbed_pass_restores_everything(name):
     opt.step(net.closure())
     opt.step(net.closure())
     before, state = snapshot(net), copy.deepcopy(opt.state_dict())
-    fail_on = 1 if name == "rwp" else 2  # the first pass at perturbed weights (RWP has no clean pass)
+    fail_on = 1 if name in ("rwp", "lpfsgd") else 2  # the first pass at perturbed weights (RWP has no clean pass)
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(net.closure(fail_on_call=fail_on))
     assert bit_equal(before, snapshot(net))
@@ -351,6 +354,9 @@ BAD = [
     ("rwp", {"fisher_eta": -1.0}, "fisher_eta"),
     ("rwp", {"fisher_decay": 1.0}, "fisher_decay"),
     ("mrwp", {"noisy_weight": 1.5}, "noisy_weight"),
+    ("mrwp", {"different_batches": "yes"}, "different_batches"),
+    ("lpfsgd", {"samples": 0}, "samples"),
+    ("lpfsgd", {"alpha": -1.0}, "alpha"),
 ]
 
 

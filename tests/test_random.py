@@ -162,3 +162,92 @@ def test_explicit_form_for_rwp_has_no_clean_pass():
             b.closure()()
         opt_b.step()
     assert torch.equal(a.flat(), b.flat())
+
+
+def noise_for(opt, w, sample, scale):
+    z = torch.randn(w.shape, generator=torch.Generator().manual_seed(opt.rng_seed(stream=0, device_index=sample)),
+                    dtype=w.dtype)
+    return SIGMA * z * scale
+
+
+def closure_for(model):
+    def closure(batch):
+        loss = LeastSquares.loss(model, batch)
+        loss.backward()
+        return loss.detach()
+    return closure
+
+
+def test_lpfsgd_mean_over_chunks():
+    """Mean of ∇L_{B_m}(w + ε_m) over M independent draws, one chunk each (closure form and engine)."""
+    chunks = batches(3)
+    for form in ("closure", "engine"):
+        model = LeastSquares()
+        opt = fm.LPFSGD(torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, samples=3)
+        w = model.w.detach().clone()
+        S = w.norm(dim=1, keepdim=True)
+        expected = w - LR * sum(grad_at(w + noise_for(opt, w, m, S), chunks[m]) for m in range(3)) / 3
+        if form == "closure":
+            opt.step(closure_for(model), batches=chunks)
+        else:
+            fm.TrainStep(model, opt, LeastSquares.loss)(chunks)
+        torch.testing.assert_close(model.w.detach(), expected, **TOL)
+
+
+def test_lpfsgd_without_chunks_and_sigma_schedule():
+    chunk = batches(1)[0]
+    model = LeastSquares()
+    opt = fm.LPFSGD(torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, samples=2, alpha=2.0, total_steps=10)
+    w = model.w.detach().clone()
+    S = w.norm(dim=1, keepdim=True)
+    expected = w - LR * sum(grad_at(w + noise_for(opt, w, m, S), chunk) for m in range(2)) / 2
+    opt.step(lambda: closure_for(model)(chunk))
+    torch.testing.assert_close(model.w.detach(), expected, **TOL)
+    opt._step = 5  # σ_t = σ·(α/2·(1 − cos(πt/T)) + 1)
+    assert opt.strengths() == [pytest.approx(SIGMA * (2.0 / 2 * (1 - math.cos(math.pi * 5 / 10)) + 1))]
+
+
+def test_mrwp_on_two_batches():
+    """seed 004, Table A1: λ·∇L_{B1}(w + ε) + (1 − λ)·∇L_{B2}(w)."""
+    b1, b2 = batches(2)
+    for form in ("closure", "engine"):
+        model = LeastSquares()
+        opt = fm.MRWP(torch.optim.SGD(model.parameters(), lr=LR), sigma=SIGMA, noisy_weight=0.6,
+                      different_batches=True)
+        w = model.w.detach().clone()
+        eps = noise_for(opt, w, 0, w.norm(dim=1, keepdim=True))
+        expected = w - LR * (0.6 * grad_at(w + eps, b1) + 0.4 * grad_at(w, b2))
+        if form == "closure":
+            with torch.no_grad():
+                clean = LeastSquares.loss(model, b2)
+            loss = opt.step(closure_for(model), batches=[b1, b2])
+            torch.testing.assert_close(loss, clean, **TOL)  # the clean loss, on B2
+        else:
+            fm.TrainStep(model, opt, LeastSquares.loss)([b1, b2])
+        torch.testing.assert_close(model.w.detach(), expected, **TOL)
+
+
+def test_batches_are_validated_before_anything_moves():
+    model = LeastSquares()
+    w = model.w.detach().clone()
+    sam = fm.SAM(torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(ValueError, match="batches"):
+        sam.step(closure_for(model), batches=batches(2))
+    lpf = fm.LPFSGD(torch.optim.SGD(model.parameters(), lr=LR), samples=3)
+    with pytest.raises(ValueError, match="3 batches"):
+        lpf.step(closure_for(model), batches=batches(2))
+    with pytest.raises(ValueError, match="multiple of 3"):
+        fm.TrainStep(model, lpf, LeastSquares.loss)(batches(2))
+    assert torch.equal(model.w.detach(), w) and lpf.step_count == 0
+
+
+def test_explicit_form_tells_which_batch():
+    chunks = batches(2)
+    a, b = LeastSquares(), LeastSquares()
+    opt_a = fm.LPFSGD(torch.optim.SGD(a.parameters(), lr=LR), sigma=SIGMA, samples=2)
+    opt_b = fm.LPFSGD(torch.optim.SGD(b.parameters(), lr=LR), sigma=SIGMA, samples=2)
+    opt_a.step(closure_for(a), batches=chunks)
+    for p in opt_b.perturbations():
+        LeastSquares.loss(b, chunks[p.batch[0]]).backward()
+    opt_b.step()
+    assert torch.equal(a.w, b.w)

@@ -6,7 +6,7 @@
 """
 
 from . import schedules
-from .methods import (AESAM, ASAM, GASAM, MRWP, RWP, SAM, SSAM, Base, LayerSAM, LookSAM, MultiStepSAM,
+from .methods import (AESAM, ASAM, GASAM, LPFSGD, MRWP, RWP, SAM, SSAM, Base, LayerSAM, LookSAM, MultiStepSAM,
                       RandomSearchSAM, StochasticSAM, available, create, get, hyperparameters, register)
 from .optim import FlatOptimizer, Pass, params_by_name
 from .engine import StepResult, TrainStep, train_step
@@ -15,7 +15,7 @@ from .scale import Scale
 __version__ = "0.1.0"
 
 __all__ = [
-    "AESAM", "ASAM", "Base", "params_by_name", "MRWP", "RWP", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
+    "AESAM", "ASAM", "Base", "LPFSGD", "MRWP", "RWP", "params_by_name", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
     "RandomSearchSAM", "SAM", "SSAM", "Scale", "StochasticSAM", "available", "create", "get", "hyperparameters",
     "register", "schedules", "StepResult", "TrainStep", "train_step",
 ]

@@ -136,7 +136,13 @@ class TrainStep:
     # -- one pass ----------------------------------------------------------------------------
     def _run_pass(self, request: Pass, micro_batches: Sequence[Any], found_inf: Optional[Tensor]) -> Tensor:
         n = len(micro_batches)
-        if request.role == "perturbed" and self.accumulation == "last" and not request.full_window:
+        if request.batch is not None:
+            # The m-th of M groups of micro-batches (LPF-SGD's chunks, m-RWP's two batches).
+            m, groups = request.batch
+            check("micro_batches", n % groups == 0, n, f"a multiple of {groups} (the method uses {groups} batches)")
+            batches = micro_batches[m * n // groups:(m + 1) * n // groups]
+            weight = 1.0 / len(batches)
+        elif request.role == "perturbed" and self.accumulation == "last" and not request.full_window:
             batches, weight = micro_batches[-1:], 1.0
         else:
             batches, weight = micro_batches, 1.0 / n

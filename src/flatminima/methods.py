@@ -20,7 +20,7 @@ from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, M
                     RandomSearch, check, check_int, check_nonnegative, check_norm)
 from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale
-from .schedules import AdaptiveThreshold, Every, Probability, StartAt, step_generator
+from .schedules import AdaptiveThreshold, Cosine, Every, Probability, StartAt, step_generator
 
 METHODS: Registry[type] = Registry("method name")
 
@@ -316,12 +316,12 @@ NOISE_SCALES = {
 }
 
 
-def _random_noise(noise: str, fisher_eta: float, fisher_decay: float) -> RandomNoise:
+def _random_noise(noise: str, fisher_eta: float, fisher_decay: float, **options) -> RandomNoise:
     _check_choice("noise", noise, tuple(NOISE_SCALES))
     check_nonnegative("fisher_eta", fisher_eta)
     check("fisher_decay", isinstance(fisher_decay, (int, float)) and 0.0 <= fisher_decay < 1.0, fisher_decay,
           "a float in [0, 1)")
-    return RandomNoise(NOISE_SCALES[noise], float(fisher_eta), float(fisher_decay))
+    return RandomNoise(NOISE_SCALES[noise], float(fisher_eta), float(fisher_decay), **options)
 
 
 @register("rwp")
@@ -345,12 +345,37 @@ class MRWP(FlatOptimizer):
     """Mixed random weight perturbation (Li et al., 2024; seed 004, eq. 8):
     descend along ``λ·∇L(w + ε) + (1 − λ)·∇L(w)``, ``λ = noisy_weight`` (eq. 8 and Algorithm 2 put
     λ on different terms; here it always weighs the noisy gradient), ε as in :class:`RWP`.
-    Cost: 2 fb.
+    ``different_batches=True``: the noisy gradient on batch ``B1`` and the clean one on ``B2``
+    (seed 004, Table A1): ``step(closure, batches=[B1, B2])``, or two groups of micro-batches in
+    ``TrainStep``. Cost: 2 fb.
     """
 
     def __init__(self, base, sigma: float = 0.015, noisy_weight: float = 0.5, noise: str = "filter",
-                 fisher_eta: float = 0.0, fisher_decay: float = 0.99, **common):
+                 different_batches: bool = False, fisher_eta: float = 0.0, fisher_decay: float = 0.99, **common):
         check("noisy_weight", isinstance(noisy_weight, (int, float)) and 0.0 <= noisy_weight <= 1.0, noisy_weight,
               "a float in [0, 1]")
-        super().__init__(base, perturbation=_random_noise(noise, fisher_eta, fisher_decay),
+        check("different_batches", isinstance(different_batches, bool), different_batches, "True or False")
+        batches = {"noisy_batch": (0, 2), "clean_batch": (1, 2)} if different_batches else {}
+        super().__init__(base, perturbation=_random_noise(noise, fisher_eta, fisher_decay, **batches),
                          combination=MixGradient(float(noisy_weight)), strength_key="sigma", strength=sigma, **common)
+
+
+@register("lpfsgd", "lpf-sgd")
+class LPFSGD(FlatOptimizer):
+    """Low-pass filter SGD (Bisla et al., AISTATS 2022): descend along the mean of
+    ``∇L_{B_m}(w + ε_m)`` over ``samples = M`` independent draws ``ε_m = σ_t·Z_m ⊙ S`` (filter
+    scale by default), each on its own chunk ``B_m`` of the batch: ``step(closure, batches=chunks)``
+    or M groups of micro-batches in ``TrainStep`` (without chunks every draw sees the whole batch).
+    ``σ_t = σ·(α/2·(1 − cos(πt/T)) + 1)`` increases over ``total_steps = T`` (constant without T).
+    Cost: M forward/backward passes on M chunks: about one pass over the batch.
+    """
+
+    def __init__(self, base, sigma: float = 0.0005, samples: int = 8, alpha: float = 1.0, noise: str = "filter",
+                 fisher_eta: float = 0.0, fisher_decay: float = 0.99, **common):
+        check_int("samples", samples, 1)
+        check_nonnegative("alpha", alpha)
+        if common.get("schedule") is None and common.get("total_steps") is not None:
+            common["schedule"] = Cosine(common["total_steps"], 1.0, 1.0 + alpha)
+        perturbation = _random_noise(noise, fisher_eta, fisher_decay, samples=samples, per_batch=True)
+        super().__init__(base, perturbation=perturbation, combination=MeanGradient(include_clean=False),
+                         strength_key="sigma", strength=sigma, **common)

@@ -51,6 +51,9 @@ class Pass:
     #: Under gradient accumulation, run over every micro-batch even when the engine would run a
     #: perturbed pass on the last one only (a step without a clean pass: RWP).
     full_window: bool = False
+    #: ``(m, M)``: run on the m-th of M batches (``step(closure, batches=...)``; in ``TrainStep``
+    #: the m-th of M groups of micro-batches). None: the step's batch.
+    batch: Optional[tuple[int, int]] = None
 
 
 Plan = Generator[Pass, Any, list]
@@ -118,19 +121,30 @@ def _grads(params: Sequence[Tensor]) -> list[Tensor]:
 
 
 class MeanGradient(Combination):
-    """Descend along the mean of ``∇L(w + a_k)`` over ``k = 0..K`` (GA-SAM eq. 14, ``a_0 = 0``)."""
+    """Descend along the mean of the gradients of the step's passes: ``∇L(w + a_k)`` over
+    ``k = 0..K`` with the clean one (GA-SAM eq. 14, ``a_0 = 0``), or over the perturbed passes
+    alone (``include_clean=False``: LPF-SGD's Monte Carlo mean)."""
 
-    uses_clean = True
+    def __init__(self, include_clean: bool = True):
+        self.uses_clean = include_clean
+
+    def __repr__(self) -> str:
+        return f"MeanGradient(include_clean={self.uses_clean})"
 
     def start(self, opt, params):
-        return _grads(params)  # references: no copy, the next pass writes fresh .grad tensors
+        # References, not copies: the next pass writes fresh .grad tensors.
+        return [params, _grads(params) if self.uses_clean else None]
 
     def after_pass(self, state, params):
-        torch._foreach_add_(state, _grads(params))
+        if state[1] is None:
+            state[0], state[1] = params, _grads(params)
+        else:
+            torch._foreach_add_(state[1], _grads(state[0]))
 
     def finish(self, opt, state, params, passes):
-        torch._foreach_div_(state, float(passes + 1))
-        for p, g in zip(params, state):
+        params, total = state
+        torch._foreach_div_(total, float(passes + int(self.uses_clean)))
+        for p, g in zip(params, total):
             p.grad = g
         return None
 
@@ -188,6 +202,13 @@ class Perturbation:
     needs_clean_pass = True
     #: …and whether that pass must produce gradients.
     needs_clean_grad = True
+    #: The batch index ``(m, M)`` of the clean pass when the method uses several batches.
+    clean_batch: Optional[tuple[int, int]] = None
+
+    @property
+    def batch_count(self) -> Optional[int]:
+        """M when the passes run on M different batches (``step(closure, batches=...)``)."""
+        return None
 
     def run(self, opt: "FlatOptimizer", clean_loss: Any) -> Plan:
         raise NotImplementedError
@@ -337,26 +358,37 @@ class RandomSearch(Perturbation):
 class RandomNoise(Perturbation):
     """Random weight perturbation ``ε = σ·Z ⊙ S`` (DESIGN.md §3; seeds 000 and 004).
 
-    ``Z ~ N(0, 1)`` from a generator per tensor seeded by (seed, step, rank, tensor index), so one
-    draw per optimizer step, reproducible and resumable, never the global RNG. ``S`` is a
+    ``Z ~ N(0, 1)`` from a generator per tensor seeded by (seed, step, rank, tensor index, sample),
+    so one draw per optimizer step, reproducible and resumable, never the global RNG. ``S`` is a
     :class:`~flatminima.scale.Scale` of the weights (uniform, matrix ``‖W‖_F``, element ``|W|``,
     filter ``‖W_{i,:}‖``, Flat-LoRA ``‖W_{i,:}‖/√n_in``), Fisher-damped to ``S/√(1 + η·F)`` when
-    ``fisher_eta > 0``, with ``F`` an EMA (``fisher_decay``) of the squared descent gradient. The
-    noise is made and added one tensor at a time; the weights are restored from a copy.
+    ``fisher_eta > 0``, with ``F`` an EMA (``fisher_decay``) of the squared descent gradient.
+    ``samples = M`` noisy passes with independent ε (LPF-SGD), on M batches when ``per_batch``.
+    ``noisy_batch``: the batch index ``(m, M)`` of the single noisy pass (m-RWP with two batches).
+    The noise is made and added one tensor at a time; the weights are restored from a copy.
     """
 
     needs_clean_pass = False
     needs_clean_grad = False
 
-    def __init__(self, scale, fisher_eta: float = 0.0, fisher_decay: float = 0.99):
+    def __init__(self, scale, fisher_eta: float = 0.0, fisher_decay: float = 0.99, samples: int = 1,
+                 per_batch: bool = False, noisy_batch: Optional[tuple[int, int]] = None,
+                 clean_batch: Optional[tuple[int, int]] = None):
         self.scale, self.fisher_eta, self.fisher_decay = scale, fisher_eta, fisher_decay
+        self.samples, self.per_batch, self.noisy_batch, self.clean_batch = samples, per_batch, noisy_batch, clean_batch
 
-    def noise(self, opt: "FlatOptimizer", params: list[Tensor], gidx: list[int]) -> Iterator[Tensor]:
+    @property
+    def batch_count(self) -> Optional[int]:
+        if self.per_batch:
+            return self.samples
+        return self.noisy_batch[1] if self.noisy_batch else None
+
+    def noise(self, opt: "FlatOptimizer", params: list[Tensor], gidx: list[int], sample: int = 0) -> Iterator[Tensor]:
         """ε per tensor, made lazily (at most one tensor's noise exists at a time)."""
         sigma = opt.strengths()
         scale = self.scale(params, params)
         for i, (p, s) in enumerate(zip(params, scale)):
-            gen = torch.Generator(device=p.device).manual_seed(opt.rng_seed(stream=i))
+            gen = torch.Generator(device=p.device).manual_seed(opt.rng_seed(stream=i, device_index=sample))
             z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
             if s is not None:
                 z.mul_(s)
@@ -369,17 +401,24 @@ class RandomNoise(Perturbation):
         params, gidx = opt.scoped_params(with_grad=False)
         combination, every = opt.combination, opt.all_params_with_grad()
         saved = F.clone(params)
+        state = combination.start(opt, every)
+        full_window = not combination.uses_clean
         try:
-            with torch.no_grad():
-                for p, eps in zip(params, self.noise(opt, params, gidx)):
-                    p.add_(eps)
-            state = combination.start(opt, every)
-            yield Pass("perturbed", backward=True, sync=True, full_window=not combination.uses_clean)
+            for m in range(self.samples):
+                with torch.no_grad():
+                    if m:
+                        F.restore_(params, saved)
+                    for p, eps in zip(params, self.noise(opt, params, gidx, m)):
+                        p.add_(eps)
+                batch = (m, self.samples) if self.per_batch else self.noisy_batch
+                yield Pass("perturbed", backward=True, sync=True, full_window=full_window, batch=batch)
+                if m < self.samples - 1:
+                    combination.after_pass(state, opt.all_params_with_grad())
         finally:
             F.restore_(params, saved)
         every = opt.all_params_with_grad()
         combination.after_pass(state, every)
-        commits = [combination.finish(opt, state, every, 1)]
+        commits = [combination.finish(opt, state, every, self.samples)]
         if self.fisher_eta:
             commits.append(self._fisher_commit(opt, params))
         return commits
@@ -575,7 +614,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if fire is not True or self.perturbation.needs_clean_pass or self.combination.uses_clean:
             clean_backward = fire is not True or self.perturbation.needs_clean_grad or self.combination.uses_clean
             clean_sync = fire is not True or self.sync_perturbation or self.combination.uses_clean
-            clean_loss = yield Pass("clean", backward=clean_backward, sync=clean_sync)
+            clean_loss = yield Pass("clean", backward=clean_backward, sync=clean_sync,
+                                    batch=self.perturbation.clean_batch)
         commits: list = []
         if fire is None:
             params, _ = self.scoped_params(with_grad=True)
@@ -692,30 +732,40 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise
         self._advance(None)
 
-    def perturbations(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[int]:
+    def perturbations(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[Pass]:
         """Iterate over the perturbed passes this step needs (0, 1 or K); run one forward and
-        backward per iteration, then call ``step()``."""
+        backward per iteration, then call ``step()``. Each item is the :class:`Pass`; its
+        ``batch = (m, M)`` says which of M batches to use for methods that take several."""
         self._ensure_started(forward)
-        k = 0
         try:
             while self._next_backward_request(forward) is not None:
                 self._null_grads()
-                yield k
-                k += 1
+                yield self._request
                 self._advance(None)
         except BaseException:
             self.abort()
             raise
 
     # -- torch.optim.Optimizer API -----------------------------------------------------------
-    def step(self, closure: Optional[Callable[..., Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[..., Any]] = None, batches: Optional[Sequence[Any]] = None) -> Any:
         """One optimizer step. With a closure (forward + backward, returns the loss) the method
         runs every pass itself and returns the loss of the step's first pass (the clean loss;
         for RWP, which has no clean pass, the loss at ``w + ε``); without one, the passes must
-        already have run (explicit form)."""
+        already have run (explicit form).
+
+        ``batches``: for methods whose passes use different batches (LPF-SGD's M chunks, m-RWP
+        with ``different_batches``), the closure takes a batch (``closure(batch)``) and each pass
+        gets its own; without it every pass calls ``closure()`` on the step's one batch.
+        """
         loss = None
+        if batches is not None:
+            count = self.perturbation.batch_count
+            check("batches", count is not None, "a sequence",
+                  f"None: {type(self).__name__} runs every pass on the same batch")
+            check("batches", closure is not None and len(batches) == count, f"{len(batches)} batches",
+                  f"{count} batches and a closure(batch)")
         if closure is not None:
-            loss = self.run_plan(_closure_runner(closure))
+            loss = self.run_plan(_closure_runner(closure, batches))
         elif self._request is not None or self._plan_gen is None:
             self._ensure_started()
             if self._request is not None:
@@ -762,8 +812,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         self.abort()
 
 
-def _closure_runner(closure: Callable[..., Any]) -> Runner:
+def _closure_runner(closure: Callable[..., Any], batches: Optional[Sequence[Any]] = None) -> Runner:
     def run(request: Pass) -> Any:
+        if batches is not None:
+            with torch.enable_grad():
+                return closure(batches[request.batch[0]])
         if request.backward:
             with torch.enable_grad():
                 return closure()
