@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise,
-                    RandomSearch, check, check_int, check_nonnegative, check_norm)
+                    RandomSearch, RankSplit, check, check_int, check_nonnegative, check_norm, closure_accepts)
 from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale
 from .schedules import AdaptiveThreshold, Cosine, Every, Probability, StartAt, step_generator
@@ -49,7 +49,7 @@ def hyperparameters(name: str) -> list[str]:
     """Keyword arguments method ``name`` accepts (its own and the common ones)."""
     cls = get(name)
     names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "base", "common")]
-    return names + list(COMMON)
+    return names + [c for c in COMMON if c not in names]
 
 
 def create(name: str, base: torch.optim.Optimizer, **hyperparams: Any) -> FlatOptimizer:
@@ -348,16 +348,65 @@ class MRWP(FlatOptimizer):
     ``different_batches=True``: the noisy gradient on batch ``B1`` and the clean one on ``B2``
     (seed 004, Table A1): ``step(closure, batches=[B1, B2])``, or two groups of micro-batches in
     ``TrainStep``. Cost: 2 fb.
+
+    ``parallel=True`` (DDP, world size ``W ≥ 2``, any ``W``): the ranks split into ``k`` noisy and
+    ``m = W − k`` clean ones, and each runs ONE synced forward/backward per step: a noisy rank at
+    ``w + ε_r`` (ε seeded by (seed, step, rank, tensor), weights restored exactly afterwards), a
+    clean rank at ``w``, its loss multiplied by ``λ·W/k`` or ``(1 − λ)·W/m`` before the backward, so
+    the one all-reduce of the step gives ``λ·mean_noisy ∇L_r(w + ε_r) + (1 − λ)·mean_clean ∇L_r(w)``
+    (each rank on its own shard) at plain-SGD cost. The *last* ``k = noisy_ranks`` ranks are noisy
+    (rank 0 stays clean: its BatchNorm buffers are the ones DDP broadcasts); ``noisy_ranks=None``
+    takes ``k = λ·W`` rounded half up, clamped to ``[1, W − 1]``. The default process group must be
+    initialized at the first step (checked, with ``noisy_ranks ≤ W − 1``, before anything moves).
+    Under gradient accumulation every rank's pass runs over all N micro-batches (loss / N), syncing
+    on the last. The step's loss is the rank's own, unweighted (at ``w + ε_r`` on noisy ranks). Run
+    it with :class:`~flatminima.engine.TrainStep`, or ``step(closure)`` with a closure taking
+    ``loss_weight`` (``(loss * loss_weight).backward()``); the explicit form is refused.
     """
 
     def __init__(self, base, sigma: float = 0.015, noisy_weight: float = 0.5, noise: str = "filter",
-                 different_batches: bool = False, fisher_eta: float = 0.0, fisher_decay: float = 0.99, **common):
+                 different_batches: bool = False, fisher_eta: float = 0.0, fisher_decay: float = 0.99,
+                 parallel: bool = False, noisy_ranks: Union[int, None] = None, **common):
         check("noisy_weight", isinstance(noisy_weight, (int, float)) and 0.0 <= noisy_weight <= 1.0, noisy_weight,
               "a float in [0, 1]")
         check("different_batches", isinstance(different_batches, bool), different_batches, "True or False")
+        check("parallel", isinstance(parallel, bool), parallel, "True or False")
+        check("parallel", not (parallel and different_batches), parallel,
+              "False with different_batches=True (in parallel each rank has its own batch)")
+        if noisy_ranks is not None:
+            check("noisy_ranks", parallel, noisy_ranks, "None unless parallel=True")
+            check_int("noisy_ranks", noisy_ranks, 1)
         batches = {"noisy_batch": (0, 2), "clean_batch": (1, 2)} if different_batches else {}
-        super().__init__(base, perturbation=_random_noise(noise, fisher_eta, fisher_decay, **batches),
-                         combination=MixGradient(float(noisy_weight)), strength_key="sigma", strength=sigma, **common)
+        noise_ = _random_noise(noise, fisher_eta, fisher_decay, **batches)
+        if parallel:
+            split = RankSplit(noise_, float(noisy_weight), noisy_ranks)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                split.split()  # fail early when the group is already there
+            kwargs = {"perturbation": split}
+        else:
+            kwargs = {"perturbation": noise_, "combination": MixGradient(float(noisy_weight))}
+        super().__init__(base, strength_key="sigma", strength=sigma, **kwargs, **common)
+        self.parallel = parallel
+
+    def _refuse_explicit(self) -> None:
+        if self.parallel:
+            raise RuntimeError("MRWP(parallel=True) weighs each rank's loss before its backward pass: use "
+                               "flatminima.TrainStep, or step(closure) with a closure(loss_weight=1.0) that calls "
+                               "(loss * loss_weight).backward(); the explicit form is not supported")
+
+    def perturbed(self, forward=None):
+        self._refuse_explicit()
+        return super().perturbed(forward)
+
+    def perturbations(self, forward=None):
+        self._refuse_explicit()
+        return super().perturbations(forward)
+
+    def step(self, closure=None, batches=None):
+        if self.parallel and (closure is None and self._plan_gen is None
+                              or closure is not None and not closure_accepts(closure, "loss_weight")):
+            self._refuse_explicit()
+        return super().step(closure, batches)
 
 
 @register("lpfsgd", "lpf-sgd")

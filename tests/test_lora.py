@@ -1,0 +1,174 @@
+"""Flat-LoRA: noise on the merged LoRA weight, applied functionally (the frozen base never moves)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import flatminima as fm
+from flatminima.lora import flat_lora_row_scale, layer_noise, lora_layers
+
+peft = pytest.importorskip("peft")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def make(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], lora_dropout=0.0,
+                             init_lora_weights=False)  # B ≠ 0, so W' ≠ W0
+    return peft.get_peft_model(Tiny(), config).to(dtype)
+
+
+def data(n=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).float() if x.dtype != torch.float64 else model(x), y)
+
+
+def explicit_noisy_copy(model, opt, rho):
+    """A copy whose base weights hold W0 + ε explicitly, ε regenerated from the method's seeding."""
+    noisy = copy.deepcopy(model)
+    for i, (layer, twin) in enumerate(zip(lora_layers(model), lora_layers(noisy))):
+        row = flat_lora_row_scale(layer, rho)
+        eps = layer_noise(opt.rng_seed(stream=i), row, tuple(layer.get_base_layer().weight.shape), row.dtype)
+        with torch.no_grad():
+            twin.get_base_layer().weight.add_(eps.to(twin.get_base_layer().weight.dtype))
+    return noisy
+
+
+def lora_grads(model):
+    return [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_row_scale_is_the_merged_weight_row_norm():
+    model = make()
+    layer = lora_layers(model)[0]
+    W = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    expected = 0.1 * W.norm(dim=1, keepdim=True) / math.sqrt(6)
+    torch.testing.assert_close(flat_lora_row_scale(layer, 0.1), expected.detach(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_gradient_equals_the_explicitly_perturbed_model(micro_batches):
+    model = make()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.2)
+    noisy = explicit_noisy_copy(model, opt, 0.2)
+    x, y = data()
+    chunks = [(x[i::micro_batches], y[i::micro_batches]) for i in range(micro_batches)]
+    expected_loss = sum(loss_fn(noisy, c) for c in chunks) / micro_batches
+    expected_loss.backward()
+    result = fm.TrainStep(model, opt, loss_fn)(chunks)
+    torch.testing.assert_close(result.loss, expected_loss.detach(), rtol=0, atol=1e-12)
+    for got, want in zip(lora_grads(model), lora_grads(noisy)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_base_weights_never_move_and_nothing_lingers(dtype):
+    model = make(dtype)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora_before = [p.detach().clone() for p in params]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.1), model=model, rho=0.5)
+    rng = torch.get_rng_state()
+    x, y = data(dtype=dtype)
+    for _ in range(5):
+        opt.step(lambda: _backward(loss_fn(model, (x, y))))
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), n
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, params))
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not opt.state  # no weight-sized buffer kept between steps
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def _backward(loss):
+    loss.backward()
+    return loss.detach()
+
+
+def test_ramp_and_exception_safety():
+    model = make()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.1), model=model, rho=0.3, total_steps=10)
+    assert opt.strengths() == [0.0]
+    opt._step = 5
+    assert opt.strengths() == [pytest.approx(0.3 * 0.5 * (1 - math.cos(math.pi * 0.5)))]
+
+    def failing():
+        raise RuntimeError("boom")
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert opt.step_count == 5
+
+
+def test_mrwp_mix_on_the_merged_weight_and_validation():
+    """The same perturbation composes with the m-RWP mix; bad models are refused untouched."""
+    model = make()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.2)
+    opt.combination = fm.optim.MixGradient(0.5)
+    noisy = explicit_noisy_copy(model, opt, 0.2)
+    x, y = data()
+    loss_fn(noisy, (x, y)).backward()
+    clean = copy.deepcopy(model)
+    loss_fn(clean, (x, y)).backward()
+    fm.TrainStep(model, opt, loss_fn)([(x, y)])
+    for got, a, b in zip(lora_grads(model), lora_grads(noisy), lora_grads(clean)):
+        torch.testing.assert_close(got, 0.5 * a + 0.5 * b, rtol=0, atol=1e-12)
+
+    plain = Tiny()
+    with pytest.raises(ValueError, match="model"):
+        fm.FlatLoRA(torch.optim.SGD(plain.parameters(), lr=0.1), model=plain)
+
+
+def test_bert_with_dict_inputs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=2, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    model = peft.get_peft_model(transformers.BertForSequenceClassification(config),
+                                peft.LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.0,
+                                                init_lora_weights=False, task_type="SEQ_CLS"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.AdamW(params, lr=1e-3), model=model, rho=0.1)
+    assert len(opt.perturbation.layers) == 4
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 60, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    noisy = explicit_noisy_copy(model, opt, 0.1)
+    noisy(**batch).loss.backward()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt_lr0 = opt.base.param_groups[0]["lr"]
+    opt.base.param_groups[0]["lr"] = 0.0
+    result = fm.TrainStep(model, opt, lambda m, b: m(**b).loss)([batch])
+    opt.base.param_groups[0]["lr"] = opt_lr0
+    for got, want in zip(lora_grads(model), lora_grads(noisy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(result.loss)
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
