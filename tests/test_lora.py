@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import flatminima as fm
-from flatminima.lora import flat_lora_row_scale, layer_noise, lora_layers
+from flatminima.lora import (ROW_SCALES, balancedness, flat_lora_row_scale, frozen_linear_layers, layer_noise,
+                             lora_layers, lora_parameters, row_scale)
 
 peft = pytest.importorskip("peft")
 
@@ -24,9 +25,9 @@ class Tiny(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def make(dtype=torch.float64, seed=0):
+def make(dtype=torch.float64, seed=0, targets=("fc1", "fc2")):
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], lora_dropout=0.0,
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(targets), lora_dropout=0.0,
                              init_lora_weights=False)  # B ≠ 0, so W' ≠ W0
     return peft.get_peft_model(Tiny(), config).to(dtype)
 
@@ -41,14 +42,16 @@ def loss_fn(model, batch):
     return nn.functional.cross_entropy(model(x).float() if x.dtype != torch.float64 else model(x), y)
 
 
-def explicit_noisy_copy(model, opt, rho):
-    """A copy whose base weights hold W0 + ε explicitly, ε regenerated from the method's seeding."""
+def explicit_noisy_copy(model, opt, rho, noise="flatlora", whole_model=False):
+    """A copy whose frozen weights hold W0 + ε explicitly, ε regenerated from the method's seeding."""
     noisy = copy.deepcopy(model)
-    for i, (layer, twin) in enumerate(zip(lora_layers(model), lora_layers(noisy))):
-        row = flat_lora_row_scale(layer, rho)
-        eps = layer_noise(opt.rng_seed(stream=i), row, tuple(layer.get_base_layer().weight.shape), row.dtype)
+    pairs = zip(frozen_linear_layers(model, whole_model), frozen_linear_layers(noisy, whole_model))
+    for i, (layer, twin) in enumerate(pairs):
+        weight = (twin.get_base_layer() if hasattr(twin, "get_base_layer") else twin).weight
+        row = row_scale(layer, rho, noise)
+        eps = layer_noise(opt.rng_seed(stream=i), row, tuple(weight.shape), row.dtype)
         with torch.no_grad():
-            twin.get_base_layer().weight.add_(eps.to(twin.get_base_layer().weight.dtype))
+            weight.add_(eps.to(weight.dtype))
     return noisy
 
 
@@ -130,8 +133,7 @@ def test_mrwp_mix_on_the_merged_weight_and_validation():
     """The same perturbation composes with the m-RWP mix; bad models are refused untouched."""
     model = make()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.2)
-    opt.combination = fm.optim.MixGradient(0.5)
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.2, noisy_weight=0.5)
     noisy = explicit_noisy_copy(model, opt, 0.2)
     x, y = data()
     loss_fn(noisy, (x, y)).backward()
@@ -172,3 +174,82 @@ def test_bert_with_dict_inputs():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert torch.isfinite(result.loss)
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("noise", ROW_SCALES)
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_noise_scales_and_whole_model(noise, whole_model):
+    """Seed 000's variants: other row scales of W', and every frozen linear layer (fc2 is not a LoRA
+    layer here, so only whole_model perturbs it)."""
+    model = make(targets=("fc1",))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.2, noise=noise, whole_model=whole_model)
+    assert len(opt.perturbation.layers) == (2 if whole_model else 1)
+    noisy = explicit_noisy_copy(model, opt, 0.2, noise, whole_model)
+    x, y = data()
+    loss_fn(noisy, (x, y)).backward()
+    fm.TrainStep(model, opt, loss_fn)([(x, y)])
+    for got, want in zip(lora_grads(model), lora_grads(noisy)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_row_scales_by_hand():
+    layer = lora_layers(make())[0]
+    W = (layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight
+         @ layer.lora_A["default"].weight).detach()
+    torch.testing.assert_close(row_scale(layer, 0.5, "filter"), 0.5 * W.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(row_scale(layer, 0.5, "matrix"), (0.5 * W.norm()).expand(8, 1))
+    torch.testing.assert_close(row_scale(layer, 0.5, "uniform"), torch.full((8, 1), 0.5, dtype=W.dtype))
+
+
+def test_lora_parameters_follow_peft_structure_with_several_adapters():
+    model = make()
+    model.add_adapter("second", peft.LoraConfig(r=3, target_modules=["fc2"], init_lora_weights=False))
+    default = lora_parameters(model)
+    assert [tuple(p.shape) for p in default] == [(2, 6), (8, 2), (2, 8), (3, 2)]
+    second = lora_parameters(model, adapter="second", factors="B")
+    assert [tuple(p.shape) for p in second] == [(3, 3)]
+    with pytest.raises(ValueError, match="adapter"):
+        lora_parameters(model, adapter="third")
+    with pytest.raises(ValueError, match="factors"):
+        lora_parameters(model, factors="C")
+
+
+def test_sam_lora_normalizes_each_factor():
+    """ε_A = ρ·g_A/‖g_A‖ and ε_B = ρ·g_B/‖g_B‖ for every factor; the classifier-free Tiny has only
+    LoRA parameters trainable, so the update is −lr·∇L(θ + ε)."""
+    model = make()
+    factors = lora_parameters(model)
+    x, y = data()
+    loss_fn(model, (x, y)).backward()
+    eps = [0.1 * p.grad / p.grad.norm() for p in factors]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(lora_parameters(twin), eps):
+            p.add_(e)
+    loss_fn(twin, (x, y)).backward()
+    expected = [p.detach() - 0.5 * q.grad for p, q in zip(factors, lora_parameters(twin))]
+    model.zero_grad()
+    opt = fm.SAMLoRA(torch.optim.SGD(factors, lr=0.5), model=model, rho=0.1)
+
+    def closure():
+        loss = loss_fn(model, (x, y))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    for got, want in zip(factors, expected):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-12)
+
+
+def test_balancedness():
+    model = make()
+    model.add_adapter("second", peft.LoraConfig(r=3, target_modules=["fc2"], init_lora_weights=False))
+    expected = sum((layer.lora_A["default"].weight.square().sum() - layer.lora_B["default"].weight.square().sum()).abs()
+                   for layer in lora_layers(model))
+    torch.testing.assert_close(balancedness(model), expected)
+    layer = lora_layers(model)[1]
+    second = (layer.lora_A["second"].weight.square().sum() - layer.lora_B["second"].weight.square().sum()).abs()
+    torch.testing.assert_close(balancedness(model, adapter="second"), second)
+    balancedness(model).backward()
+    assert all(p.grad is not None for p in lora_parameters(model))

@@ -34,8 +34,8 @@ STRENGTH = {"gasam": "epsilon", "multistepsam": "epsilon", "rwp": "sigma", "mrwp
 
 
 def test_registry_is_covered():
-    # Flat-LoRA needs a PEFT model: tests/test_lora.py runs the same checks on one.
-    assert fm.available() == sorted(NAMES + ["flatlora"])
+    # Flat-LoRA and SAM-LoRA need a PEFT model: tests/test_lora.py checks them on one.
+    assert fm.available() == sorted(NAMES + ["flatlora", "samlora"])
 
 
 def strength_key(name):
