@@ -687,7 +687,9 @@ def _main(args: argparse.Namespace) -> dict:
         if unknown:
             raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(specs)}")
         chosen = [specs[n] for n in names]
-    methods = args.methods.split(",") if args.methods else fm.available() + [NAIVE]
+    # Methods that need a PEFT model (Flat-LoRA, SAM-LoRA) are not measured on these plain models.
+    plain = [m for m in fm.available() if "model" not in fm.hyperparameters(m)]
+    methods = args.methods.split(",") if args.methods else plain + [NAIVE]
     methods = [m.strip() for m in methods if m.strip()]
     amp = {"none": None, "bf16": torch.bfloat16}.get(args.amp, torch.bfloat16 if cuda else None)
 
