@@ -12,7 +12,8 @@
   any pass, on any rank, skips the whole step: weights, optimizer state and method state untouched;
 * DDP: passes that only feed a per-rank perturbation run under ``no_sync()``; the descent pass
   syncs once (per-rank ε is m-sharpness; ``sync_perturbation=True`` on the method shares ε); a
-  forward-only pass that syncs averages its loss over ranks;
+  forward-only pass that syncs averages its loss over ranks; a pass's ``loss_weight`` multiplies its
+  loss before the backward (parallel m-RWP: one synced pass per rank, the all-reduce mixes them);
 * BatchNorm: running statistics move with the clean pass only (``bn="clean"``: buffers are
   snapshotted before the first perturbed pass and copied back after the step, so ``momentum=None``
   and ``num_batches_tracked`` stay right), with every pass (``"all"``) or never (``"frozen"``);
@@ -155,7 +156,9 @@ class TrainStep:
                 with torch.set_grad_enabled(request.backward), self._autocast():
                     loss = self.loss_fn(self.model, batch) * weight
                 if request.backward:
-                    (self.scaler.scale(loss) if self._amp else loss).backward()
+                    # ``Pass.loss_weight`` (parallel m-RWP's rank weight) acts on the gradient only.
+                    weighted = loss if request.loss_weight == 1.0 else loss * request.loss_weight
+                    (self.scaler.scale(weighted) if self._amp else weighted).backward()
             # Sum in at least float32 (an fp16/bf16 loss under autocast), never below the loss's own
             # precision: float64 losses stay float64 (probe choices, the returned clean loss).
             loss = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))

@@ -54,6 +54,10 @@ class Pass:
     #: ``(m, M)``: run on the m-th of M batches (``step(closure, batches=...)``; in ``TrainStep``
     #: the m-th of M groups of micro-batches). None: the step's batch.
     batch: Optional[tuple[int, int]] = None
+    #: Factor on the pass's loss before its backward (parallel m-RWP weighs each rank's loss so that
+    #: DDP's gradient average is the mix). Runners apply it to the gradient only: the loss a pass
+    #: reports is unweighted. A closure applies it itself (``closure(loss_weight=...)``).
+    loss_weight: float = 1.0
 
 
 Plan = Generator[Pass, Any, list]
@@ -397,7 +401,7 @@ class RandomNoise(Perturbation):
                 z.div_(torch.sqrt(1.0 + self.fisher_eta * fisher))
             yield z.mul_(sigma[gidx[i]])
 
-    def run(self, opt, clean_loss):
+    def run(self, opt, clean_loss, loss_weight: float = 1.0):
         params, gidx = opt.scoped_params(with_grad=False)
         combination, every = opt.combination, opt.all_params_with_grad()
         saved = F.clone(params)
@@ -411,7 +415,8 @@ class RandomNoise(Perturbation):
                     for p, eps in zip(params, self.noise(opt, params, gidx, m)):
                         p.add_(eps)
                 batch = (m, self.samples) if self.per_batch else self.noisy_batch
-                yield Pass("perturbed", backward=True, sync=True, full_window=full_window, batch=batch)
+                yield Pass("perturbed", backward=True, sync=True, full_window=full_window, batch=batch,
+                           loss_weight=loss_weight)
                 if m < self.samples - 1:
                     combination.after_pass(state, opt.all_params_with_grad())
         finally:
@@ -434,6 +439,49 @@ class RandomNoise(Perturbation):
                 opt.state[p]["fisher"] = sq.mul_(1 - beta) if old is None else old.mul_(beta).add_(sq, alpha=1 - beta)
 
         return commit
+
+
+class RankSplit(Perturbation):
+    """Parallel m-RWP: the ranks of the default process group split into ``k`` noisy and ``m = W − k``
+    clean ones (the *last* k are noisy, so rank 0, whose buffers DDP broadcasts, is clean). Every rank
+    runs one synced forward/backward: a noisy rank at ``w + ε_r`` (``noise``, seeded with its rank),
+    a clean one at ``w``, with the loss weighted ``λ·W/k`` or ``(1 − λ)·W/m``, so DDP's average is
+    ``λ·mean_noisy ∇L_r(w + ε_r) + (1 − λ)·mean_clean ∇L_r(w)``. ``noisy_ranks=None``: ``k`` is
+    ``λ·W`` rounded half up, clamped to ``[1, W − 1]``. Checked at every step (before anything moves).
+    """
+
+    needs_clean_pass = False
+    needs_clean_grad = False
+
+    def __init__(self, noise: RandomNoise, noisy_weight: float, noisy_ranks: Optional[int] = None):
+        self.noise, self.noisy_weight, self.noisy_ranks = noise, noisy_weight, noisy_ranks
+
+    def split(self) -> tuple[int, int, int]:
+        """``(rank, W, k)`` of the default process group; raises when there is none or W < 2."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("MRWP(parallel=True) splits the ranks of a process group into noisy and clean ones: "
+                               "call torch.distributed.init_process_group (world size >= 2) before the first step, "
+                               "or use parallel=False")
+        world = dist.get_world_size()
+        if world < 2:
+            raise RuntimeError(f"MRWP(parallel=True) needs a world size >= 2 (got {world}): use parallel=False")
+        k = self.noisy_ranks
+        if k is None:
+            k = min(max(1, math.floor(self.noisy_weight * world + 0.5)), world - 1)
+        check("noisy_ranks", 1 <= k <= world - 1, k, f"an int in [1, {world - 1}] for world size {world}")
+        return dist.get_rank(), world, k
+
+    def run(self, opt, clean_loss):
+        rank, world, k = self.split()
+        lam = self.noisy_weight
+        if rank >= world - k:
+            return (yield from self.noise.run(opt, clean_loss, loss_weight=lam * world / k))
+        yield Pass("clean", backward=True, sync=True, loss_weight=(1.0 - lam) * world / (world - k))
+        if not self.noise.fisher_eta:
+            return []
+        # The synced descent gradient is the same on every rank: keep F identical on all of them.
+        return [self.noise._fisher_commit(opt, opt.scoped_params(with_grad=False)[0])]
 
 
 class MixGradient(Combination):
@@ -812,19 +860,30 @@ class FlatOptimizer(torch.optim.Optimizer):
         self.abort()
 
 
+def closure_accepts(closure: Callable[..., Any], name: str) -> bool:
+    """Whether ``closure`` takes a keyword argument ``name``."""
+    try:
+        return name in inspect.signature(closure).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _closure_runner(closure: Callable[..., Any], batches: Optional[Sequence[Any]] = None) -> Runner:
+    weighted = closure_accepts(closure, "loss_weight")
+
     def run(request: Pass) -> Any:
+        kwargs = {"loss_weight": request.loss_weight} if weighted else {}
+        if request.loss_weight != 1.0 and not weighted:
+            raise TypeError("this method weighs the loss of a pass before its backward: the closure must accept "
+                            "`loss_weight` (e.g. def closure(loss_weight=1.0): ...; (loss * loss_weight).backward()), "
+                            "or use flatminima.TrainStep")
         if batches is not None:
             with torch.enable_grad():
-                return closure(batches[request.batch[0]])
+                return closure(batches[request.batch[0]], **kwargs)
         if request.backward:
             with torch.enable_grad():
-                return closure()
-        try:
-            accepts = "backward" in inspect.signature(closure).parameters
-        except (TypeError, ValueError):
-            accepts = False
-        if not accepts:
+                return closure(**kwargs)
+        if not closure_accepts(closure, "backward"):
             raise TypeError("this method evaluates the loss without a backward pass: the closure must accept "
                             "`backward=False` (e.g. def closure(backward=True): ...; if backward: loss.backward())")
         with torch.no_grad():
