@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up flatminima in ./.venv.   usage: bash scripts/setup.sh [run|dev]
-#   run (default): the library, the experiment extras and the Fashion-MNIST data (main job)
+#   run (default): the library, the experiment extras (MiniLM included) and the data: Fashion-MNIST
+#                  and the VADER sentences (main job and the text preset)
 #   dev:           the library and the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +33,9 @@ else
       || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
       || echo "note: could not install dataset-fashion-mnist; the loader will try its other sources" >&2
   fi
+  # The text task's sentences: the vaderSentiment source archive, fetched once into the user cache
+  # (python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2), so runs work offline.
+  .venv/bin/python -c "from flatminima.data import find_vader_archive; find_vader_archive()" \
+    || echo "note: could not fetch the VADER archive; the text task will try again when it runs" >&2
 fi
 echo "flatminima is set up in .venv ($target)"

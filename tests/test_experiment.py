@@ -128,7 +128,7 @@ def test_unknown_task_is_rejected():
 # config
 
 
-@pytest.mark.parametrize("name", ["quick", "default", "full"])
+@pytest.mark.parametrize("name", ["quick", "default", "text", "full"])
 def test_config_files_match_presets(name):
     loaded = ExperimentConfig.load(CONFIGS / f"{name}.json")
     assert loaded == preset(name)

@@ -3,6 +3,7 @@ seed 000, Fisher damping, and the accumulation semantics of DESIGN.md §4."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -251,3 +252,25 @@ def test_explicit_form_tells_which_batch():
         LeastSquares.loss(b, chunks[p.batch[0]]).backward()
     opt_b.step()
     assert torch.equal(a.w, b.w)
+
+
+def test_batchnorm_statistics_follow_the_first_pass_without_a_clean_pass():
+    """RWP has no clean pass: with bn="clean" its noisy pass moves the statistics, once per step;
+    of LPF-SGD's chunks only the first does. Replayed by hand on a twin at w + ε₀."""
+    for name, hp, n in (("rwp", {}, 1), ("lpfsgd", {"samples": 2}, 2)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+        opt = fm.create(name, torch.optim.SGD(model.parameters(), lr=0.1), sigma=SIGMA, **hp)
+        x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        chunks = [(x[i::n], y[i::n]) for i in range(n)]
+        twin = copy.deepcopy(model)
+        params, gidx = opt.scoped_params(with_grad=False)
+        eps0 = [e.clone() for e in opt.perturbation.noise(opt, params, gidx, 0)]
+        with torch.no_grad():
+            for p, e in zip(twin.parameters(), eps0):
+                p.add_(e)
+            twin(chunks[0][0])  # training mode: one update of the running statistics
+        fm.TrainStep(model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))(chunks)
+        assert int(model[1].num_batches_tracked) == 1
+        torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=1e-14)
+        torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=1e-14)

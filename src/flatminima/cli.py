@@ -2,6 +2,7 @@
 
     flatminima run --preset quick --methods sgd,sam --seeds 0,1 --out /tmp/fm
     flatminima run --config configs/default.json
+    flatminima run --preset text
     flatminima list
 """
 
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a model with several methods over several seeds and report")
     run.add_argument("--preset", default="default", help="quick (digits, seconds), default (Fashion-MNIST, "
-                     "minutes on a CPU) or full (all of Fashion-MNIST, for a GPU); default: %(default)s")
+                     "minutes on a CPU), text (LoRA on MiniLM, VADER movie snippets) or full (all of "
+                     "Fashion-MNIST, for a GPU); default: %(default)s")
     run.add_argument("--config", help="JSON file of config fields, applied on top of the preset")
     run.add_argument("--out", help="output folder (default: the config's out_dir)")
     run.add_argument("--methods", type=_csv_list, help="comma-separated method labels, e.g. sgd,sam,asam,gasam")
@@ -49,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _select_methods(config, labels: list[str]) -> dict:
     """Settings for ``labels``: from the config, else the tuned defaults, else the method's own defaults."""
-    from .experiment import DEFAULT_METHODS
+    from .experiment import DEFAULT_METHODS, TEXT_METHODS
 
     selected = {}
     for label in labels:
@@ -57,6 +59,8 @@ def _select_methods(config, labels: list[str]) -> dict:
             selected[label] = config.methods[label]
         elif label in DEFAULT_METHODS:
             selected[label] = dict(DEFAULT_METHODS[label])
+        elif label in TEXT_METHODS:
+            selected[label] = dict(TEXT_METHODS[label])
         else:
             _methods.get(label)  # raises ValueError listing the accepted names
             selected[label] = {}
@@ -84,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _list() -> int:
     from .data import available_tasks
-    from .experiment import DEFAULT_METHODS, PRESETS, available_models
+    from .experiment import DEFAULT_METHODS, PRESETS, TEXT_METHODS, available_models
 
     print("methods (flatminima.create(name, base, **hyperparameters)):")
     for name in _methods.available():
@@ -96,6 +100,9 @@ def _list() -> int:
     print("tuned experiment settings (labels accepted by `run --methods`):")
     for label, settings in DEFAULT_METHODS.items():
         print(f"  {label:<16} {settings or '(base optimizer)'}")
+    print("tuned settings of the LoRA text task (preset text):")
+    for label, settings in TEXT_METHODS.items():
+        print(f"  {label:<16} {settings}")
     print(f"tasks: {', '.join(available_tasks())}")
     print(f"models: {', '.join(available_models())}")
     print(f"presets: {', '.join(PRESETS)}")

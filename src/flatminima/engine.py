@@ -14,9 +14,10 @@
   syncs once (per-rank ε is m-sharpness; ``sync_perturbation=True`` on the method shares ε); a
   forward-only pass that syncs averages its loss over ranks; a pass's ``loss_weight`` multiplies its
   loss before the backward (parallel m-RWP: one synced pass per rank, the all-reduce mixes them);
-* BatchNorm: running statistics move with the clean pass only (``bn="clean"``: buffers are
-  snapshotted before the first perturbed pass and copied back after the step, so ``momentum=None``
-  and ``num_batches_tracked`` stay right), with every pass (``"all"``) or never (``"frozen"``);
+* BatchNorm: running statistics move with the step's first pass only (``bn="clean"``: the clean
+  pass, or the first noisy pass of a method without one, such as RWP; buffers are snapshotted
+  after that pass and copied back after the step, so ``momentum=None`` and ``num_batches_tracked``
+  stay right), with every pass (``"all"``) or never (``"frozen"``);
 * clipping of the final descent gradient (``max_grad_norm``).
 
 The weights the base optimizer updates are bit-for-bit those from before the step's perturbations.
@@ -188,10 +189,13 @@ class TrainStep:
         before = self._snapshot()
         snapshot = before if self.bn == "frozen" else None
 
+        passes = 0
+
         def runner(request: Pass) -> Tensor:
-            nonlocal snapshot
-            if request.role != "clean" and snapshot is None and self.bn == "clean":
-                snapshot = self._snapshot()
+            nonlocal snapshot, passes
+            if passes and snapshot is None and self.bn == "clean":
+                snapshot = self._snapshot()  # the statistics as the step's first pass left them
+            passes += 1
             return self._run_pass(request, micro_batches, found_inf)
 
         try:
