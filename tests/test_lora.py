@@ -253,3 +253,20 @@ def test_balancedness():
     torch.testing.assert_close(balancedness(model, adapter="second"), second)
     balancedness(model).backward()
     assert all(p.grad is not None for p in lora_parameters(model))
+
+
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_bf16_base_weights_bit_identical_after_1000_steps(whole_model):
+    model = make(torch.bfloat16, targets=("fc1",))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.01), model=model, rho=0.05, whole_model=whole_model)
+    x, y = data(dtype=torch.bfloat16)
+    for _ in range(1000):
+        opt.step(lambda: _backward(loss_fn(model, (x, y))))
+    assert opt.step_count == 1000
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    # the optimizer keeps no tensor the size of a base weight
+    sizes = {p.numel() for p in frozen.values() if p.dim() == 2}
+    kept = [t for state in (opt.state, opt.base.state) for s in state.values() for t in s.values() if torch.is_tensor(t)]
+    assert all(t.numel() not in sizes for t in kept)

@@ -383,6 +383,10 @@ def test_unknown_method_and_per_group_strength_validation():
         fm.SAM(base)
     with pytest.raises(TypeError, match="Optimizer"):
         fm.SAM(net.parameters())
+    other = Net()
+    for method in ("sam", "rwp"):  # a scope that matches no parameter of the optimizer
+        with pytest.raises(ValueError, match="scope"):
+            fm.create(method, torch.optim.SGD(net.parameters(), lr=0.1), scope=list(other.parameters()))
 
 
 def test_names_are_forgiving():

@@ -274,3 +274,30 @@ def test_batchnorm_statistics_follow_the_first_pass_without_a_clean_pass():
         assert int(model[1].num_batches_tracked) == 1
         torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=1e-14)
         torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("noise", ["uniform", "matrix", "element", "filter", "flatlora"])
+def test_noise_statistics_match_the_scale(noise):
+    """Over many draws (steps), the per-entry standard deviation of ε is σ·S."""
+    w = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    param = nn.Parameter(w.clone())
+    opt = fm.RWP(torch.optim.SGD([param], lr=0.0), sigma=SIGMA, noise=noise, seed=11)
+    draws = []
+    for step in range(2000):
+        opt._step = step
+        draws.append(next(opt.perturbation.noise(opt, [param], [0])))
+    std = torch.stack(draws).std(0)
+    S = {"uniform": torch.ones_like(w), "matrix": w.norm().expand_as(w), "element": w.abs(),
+         "filter": w.norm(dim=1, keepdim=True).expand_as(w),
+         "flatlora": (w.norm(dim=1, keepdim=True) / math.sqrt(6)).expand_as(w)}[noise]
+    # 2000 draws: the sample std is within a few percent of the true one
+    torch.testing.assert_close(std, SIGMA * S, rtol=0.08, atol=0)
+
+
+def test_fisher_damping_lowers_noise_where_fisher_is_large():
+    param = nn.Parameter(torch.ones(2, 500, dtype=torch.float64))
+    opt = fm.RWP(torch.optim.SGD([param], lr=0.0), sigma=SIGMA, noise="uniform", fisher_eta=1.0)
+    opt.state[param]["fisher"] = torch.cat([torch.zeros(1, 500), torch.full((1, 500), 99.0)]).double()
+    eps = next(opt.perturbation.noise(opt, [param], [0]))
+    small, large = eps[0].std(), eps[1].std()
+    assert abs(small / SIGMA - 1) < 0.1 and abs(large / (SIGMA / 10) - 1) < 0.1  # S/√(1 + η·F)

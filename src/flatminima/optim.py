@@ -576,6 +576,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         check("sync_perturbation", isinstance(sync_perturbation, bool), sync_perturbation, "True or False")
         sched = strength_schedule(schedule, total_steps)
         predicate = _scope_predicate(scope)
+        if predicate is not None:
+            matched = any(predicate(p) for g in base.param_groups for p in g["params"])
+            check("scope", matched, scope if isinstance(scope, str) else type(scope).__name__,
+                  "a scope that selects at least one parameter of the base optimizer")
         # Everything is validated: from here on we may touch the base optimizer.
         self.perturbation = perturbation or NoPerturbation()
         self.combination = combination or PerturbedGradient()
