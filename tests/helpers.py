@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Callable
+
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 
@@ -50,3 +55,38 @@ class InfGrad(torch.autograd.Function):
         g = g.clone()
         g.view(-1)[0] = float("inf")
         return g
+
+
+class ChildFailed(AssertionError):
+    pass
+
+
+def spawn_ranks(worker: Callable, tmp: Path, world: int, names: list[str], timeout: float) -> list[dict]:
+    """Run ``worker(rank, world, store, tmp, names)`` on ``world`` spawned processes and load each
+    rank's ``rank{r}.pt``; fail (not hang) if a rank fails (with its ``rank{r}.err``) or on timeout."""
+    ctx = mp.get_context("spawn")
+    tmp.mkdir(parents=True, exist_ok=True)
+    procs = [ctx.Process(target=worker, args=(r, world, str(tmp / "store"), str(tmp), names), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.exitcode for p in procs]
+            if all(c == 0 for c in codes):
+                break
+            failed = any(c not in (None, 0) for c in codes)
+            if failed or time.monotonic() > deadline:
+                errors = "\n".join(f"--- rank {r} ---\n{(tmp / f'rank{r}.err').read_text()}"
+                                   for r in range(world) if (tmp / f"rank{r}.err").exists())
+                why = "a rank failed" if failed else f"timed out after {timeout:.0f} s"
+                raise ChildFailed(f"distributed launch: {why}; exit codes {codes}\n{errors}")
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(10)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]

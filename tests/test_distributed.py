@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 import flatminima as fm
+from helpers import ChildFailed, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -238,39 +238,9 @@ def _worker(rank: int, world: int, store: str, out: str, names: list[str]) -> No
 # Launcher
 
 
-class ChildFailed(AssertionError):
-    pass
-
-
 def launch(tmp: Path, names: list[str], timeout: float = LAUNCH_TIMEOUT) -> list[dict]:
     """Run ``names`` on WORLD spawned ranks; fail (not hang) if a rank fails or the launch times out."""
-    ctx = mp.get_context("spawn")
-    tmp.mkdir(parents=True, exist_ok=True)
-    store = tmp / "store"
-    procs = [ctx.Process(target=_worker, args=(r, WORLD, str(store), str(tmp), names), daemon=True)
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            codes = [p.exitcode for p in procs]
-            if all(c == 0 for c in codes):
-                break
-            failed = any(c not in (None, 0) for c in codes)
-            if failed or time.monotonic() > deadline:
-                errors = "\n".join(f"--- rank {r} ---\n{(tmp / f'rank{r}.err').read_text()}"
-                                   for r in range(WORLD) if (tmp / f"rank{r}.err").exists())
-                why = "a rank failed" if failed else f"timed out after {timeout:.0f} s"
-                raise ChildFailed(f"distributed launch: {why}; exit codes {codes}\n{errors}")
-            time.sleep(0.02)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(10)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp, WORLD, names, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 import flatminima as fm
+from helpers import spawn_ranks
 from flatminima.schedules import derive_seed
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -198,38 +197,9 @@ def _worker(rank: int, world: int, store: str, out: str, names: list[str]) -> No
     dist.destroy_process_group()
 
 
-class ChildFailed(AssertionError):
-    pass
-
-
 def launch(tmp: Path, world: int, names: list[str], timeout: float = LAUNCH_TIMEOUT) -> list[dict]:
     """Run ``names`` on ``world`` spawned ranks; fail (not hang) if a rank fails or the launch times out."""
-    ctx = mp.get_context("spawn")
-    tmp.mkdir(parents=True, exist_ok=True)
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "store"), str(tmp), names), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            codes = [p.exitcode for p in procs]
-            if all(c == 0 for c in codes):
-                break
-            failed = any(c not in (None, 0) for c in codes)
-            if failed or time.monotonic() > deadline:
-                errors = "\n".join(f"--- rank {r} ---\n{(tmp / f'rank{r}.err').read_text()}"
-                                   for r in range(world) if (tmp / f"rank{r}.err").exists())
-                why = "a rank failed" if failed else f"timed out after {timeout:.0f} s"
-                raise ChildFailed(f"distributed launch: {why}; exit codes {codes}\n{errors}")
-            time.sleep(0.02)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(10)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    return spawn_ranks(_worker, tmp, world, names, timeout)
 
 
 @pytest.fixture(scope="module")
