@@ -90,3 +90,17 @@ def spawn_ranks(worker: Callable, tmp: Path, world: int, names: list[str], timeo
         for p in procs:
             p.join(10)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+def count_allreduces(model: nn.parallel.DistributedDataParallel) -> list[int]:
+    """Install a DDP comm hook that counts bucket all-reduces; returns the (mutable) counter."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    count = [0]
+
+    def hook(state, bucket):
+        count[0] += 1
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, hook)
+    return count

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 import flatminima as fm
-from helpers import ChildFailed, spawn_ranks
+from helpers import ChildFailed, count_allreduces, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -181,18 +181,10 @@ SYNC_COUNTS = {  # method, sync_perturbation -> all-reduces per step (2 micro-ba
 def _run_sync_counts(rank: int) -> dict:
     """Count DDP bucket all-reduces (a comm hook) per step: the first micro-batch of a synced pass
     and every unsynced pass run under no_sync."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     out = {}
     for method, sync in SYNC_COUNTS:
         model = nn.parallel.DistributedDataParallel(mlp())
-        count = [0]
-
-        def hook(state, bucket):
-            count[0] += 1
-            return allreduce_hook(None, bucket)
-
-        model.register_comm_hook(None, hook)
+        count = count_allreduces(model)
         base = torch.optim.SGD(model.parameters(), lr=LR)
         opt = {"base": lambda: fm.Base(base), "sam": lambda: fm.SAM(base, rho=RHO, sync_perturbation=sync),
                "gasam_k2": lambda: fm.GASAM(base, epsilon=RHO, steps=2, sync_perturbation=sync),

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 import flatminima as fm
-from helpers import spawn_ranks
+from helpers import count_allreduces, spawn_ranks
 from flatminima.schedules import derive_seed
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -132,20 +132,12 @@ def _run_resume(rank: int) -> dict:
 def _run_sync_counts(rank: int) -> dict:
     """DDP bucket all-reduces per step (a comm hook): parallel m-RWP against plain SGD, 1 and 2
     micro-batches."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     world = dist.get_world_size()
     out = {}
     for method in ("sgd", "mrwp"):
         for n in (1, 2):
             model = nn.parallel.DistributedDataParallel(mlp())
-            count = [0]
-
-            def hook(count, bucket):
-                count[0] += 1
-                return allreduce_hook(None, bucket)
-
-            model.register_comm_hook(count, hook)
+            count = count_allreduces(model)
             base = torch.optim.SGD(model.parameters(), lr=LR)
             opt = make(model.parameters(), 0.5) if method == "mrwp" else base
             step = fm.TrainStep(model, opt, mse)

@@ -387,10 +387,11 @@ class RandomNoise(Perturbation):
             return self.samples
         return self.noisy_batch[1] if self.noisy_batch else None
 
-    def noise(self, opt: "FlatOptimizer", params: list[Tensor], gidx: list[int], sample: int = 0) -> Iterator[Tensor]:
+    def noise(self, opt: "FlatOptimizer", params: list[Tensor], gidx: list[int], sample: int = 0,
+              scale=None) -> Iterator[Tensor]:
         """ε per tensor, made lazily (at most one tensor's noise exists at a time)."""
         sigma = opt.strengths()
-        scale = self.scale(params, params)
+        scale = self.scale(params, params) if scale is None else scale
         for i, (p, s) in enumerate(zip(params, scale)):
             gen = torch.Generator(device=p.device).manual_seed(opt.rng_seed(stream=i, device_index=sample))
             z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
@@ -404,6 +405,7 @@ class RandomNoise(Perturbation):
     def run(self, opt, clean_loss, loss_weight: float = 1.0):
         params, gidx = opt.scoped_params(with_grad=False)
         combination, every = opt.combination, opt.all_params_with_grad()
+        scale = self.scale(params, params)  # of the weights at w: the same for every sample
         saved = F.clone(params)
         state = combination.start(opt, every)
         full_window = not combination.uses_clean
@@ -412,7 +414,7 @@ class RandomNoise(Perturbation):
                 with torch.no_grad():
                     if m:
                         F.restore_(params, saved)
-                    for p, eps in zip(params, self.noise(opt, params, gidx, m)):
+                    for p, eps in zip(params, self.noise(opt, params, gidx, m, scale)):
                         p.add_(eps)
                 batch = (m, self.samples) if self.per_batch else self.noisy_batch
                 yield Pass("perturbed", backward=True, sync=True, full_window=full_window, batch=batch,
