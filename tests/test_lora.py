@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import flatminima as fm
-from flatminima.lora import (ROW_SCALES, balancedness, flat_lora_row_scale, frozen_linear_layers, layer_noise,
+from flatminima.lora import (ROW_SCALES, balancedness, flat_lora_row_scale, frozen_layers, layer_noise, merged_weight, noisy_weight,
                              lora_layers, lora_parameters, row_scale)
 
 peft = pytest.importorskip("peft")
@@ -45,7 +45,7 @@ def loss_fn(model, batch):
 def explicit_noisy_copy(model, opt, rho, noise="flatlora", whole_model=False):
     """A copy whose frozen weights hold W0 + ε explicitly, ε regenerated from the method's seeding."""
     noisy = copy.deepcopy(model)
-    pairs = zip(frozen_linear_layers(model, whole_model), frozen_linear_layers(noisy, whole_model))
+    pairs = zip(frozen_layers(model, whole_model), frozen_layers(noisy, whole_model))
     for i, (layer, twin) in enumerate(pairs):
         weight = (twin.get_base_layer() if hasattr(twin, "get_base_layer") else twin).weight
         row = row_scale(layer, rho, noise)
@@ -100,7 +100,7 @@ def test_base_weights_never_move_and_nothing_lingers(dtype):
             assert torch.equal(p, base_before[n]), n
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, params))
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
     assert not opt.state  # no weight-sized buffer kept between steps
     assert torch.equal(rng, torch.get_rng_state())
 
@@ -125,7 +125,7 @@ def test_ramp_and_exception_safety():
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(failing)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
     assert opt.step_count == 5
 
 
@@ -270,3 +270,130 @@ def test_bf16_base_weights_bit_identical_after_1000_steps(whole_model):
     sizes = {p.numel() for p in frozen.values() if p.dim() == 2}
     kept = [t for state in (opt.state, opt.base.state) for s in state.values() for t in s.values() if torch.is_tensor(t)]
     assert all(t.numel() not in sizes for t in kept)
+
+
+class ConvEmbed(nn.Module):
+    """Token embedding + a conv stack + a linear head: LoRA on convolutions and embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.conv = nn.Conv1d(6, 5, 3, padding=1)
+        self.conv_same = nn.Conv1d(5, 4, 3, padding="same", padding_mode="circular")
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(1, 2)
+        h = self.conv_same(torch.tanh(self.conv(h)))
+        return self.fc(h.mean(-1))
+
+
+class Conv2dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, stride=2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((-1, -2)))
+
+
+@pytest.mark.parametrize("whole_model", [False, True])
+@pytest.mark.parametrize("net", ["conv1d_embedding", "conv2d"])
+def test_conv_and_embedding_layers_match_the_explicitly_perturbed_model(net, whole_model):
+    """LoRA on Conv1d/Conv2d/Embedding bases (a row is an output channel / a token's vector), and
+    whole_model noise on the frozen convolutions and embeddings that carry no adapter."""
+    torch.manual_seed(0)
+    if net == "conv2d":
+        module, targets = Conv2dNet(), ["c1", "fc"]
+        x = torch.randn(8, 2, 7, 7, dtype=torch.float64)
+    else:
+        module, targets = ConvEmbed(), ["emb", "conv", "fc"]
+        x = torch.randint(0, 11, (8, 9))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    model = peft.get_peft_model(module, config).to(torch.float64)
+    y = torch.randint(0, 3, (8,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.3, whole_model=whole_model)
+    assert len(opt.perturbation.layers) == (len(list(module.children())) if whole_model else len(targets))
+    noisy = explicit_noisy_copy(model, opt, 0.3, whole_model=whole_model)
+    expected = nn.functional.cross_entropy(noisy(x), y)
+    expected.backward()
+    result = fm.TrainStep(model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))([(x, y)])
+    torch.testing.assert_close(result.loss, expected.detach(), rtol=0, atol=1e-12)
+    for got, want in zip(lora_grads(model), lora_grads(noisy)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_merged_weight_of_conv_and_embedding_layers_is_peft_merge():
+    torch.manual_seed(1)
+    model = peft.get_peft_model(ConvEmbed(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv"],
+                                                              init_lora_weights=False)).to(torch.float64)
+    merged = {name: merged_weight(layer) for name, layer in zip(("emb", "conv"), lora_layers(model))}
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(merged["emb"], plain.emb.weight.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(merged["conv"], plain.conv.weight.detach(), rtol=0, atol=1e-14)
+
+
+def test_trainable_base_bias_gets_its_gradient():
+    model = make(targets=("fc1",))
+    model.base_model.model.fc1.base_layer.bias.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.2)
+    noisy = explicit_noisy_copy(model, opt, 0.2)
+    x, y = data()
+    loss_fn(noisy, (x, y)).backward()
+    fm.TrainStep(model, opt, loss_fn)([(x, y)])
+    assert model.base_model.model.fc1.base_layer.bias.grad is not None
+    for got, want in zip(lora_grads(model), lora_grads(noisy)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_noisy_weight_torch_path_and_kernel_choice():
+    w = torch.randn(6, 5, dtype=torch.float64)
+    s = torch.rand(6, dtype=torch.float64)
+    a, b = noisy_weight(w, s, 7), noisy_weight(w, s, 7, kernel="torch")
+    assert torch.equal(a, b) and not torch.equal(a, noisy_weight(w, s, 8))
+    torch.testing.assert_close(a - w, layer_noise(7, s, (6, 5), torch.float64), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="kernel"):
+        noisy_weight(w, s, 7, kernel="triton")
+    model = make()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="kernel"):
+        fm.FlatLoRA(torch.optim.SGD(params, lr=0.1), model=model, kernel="fused")
+
+
+def test_no_noisy_weight_lives_between_forward_and_backward(monkeypatch):
+    """The noisy weights are rebuilt in the backward, not kept: after the forward none is alive."""
+    import gc
+    import weakref
+
+    import flatminima.lora as lora_module
+    made = []
+    real = lora_module.noisy_weight
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(lora_module, "noisy_weight", recording)
+    model = make(targets=("fc1", "fc2"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.1), model=model, rho=0.2)
+    x, y = data()
+    alive_after_forward = []
+
+    def closure():
+        loss = loss_fn(model, (x, y))
+        gc.collect()
+        alive_after_forward.append(sum(r() is not None for r in made))
+        built = len(made)
+        loss.backward()
+        # fc2's noisy weight is rebuilt once for ∂L/∂h; fc1's input needs no gradient, so autograd
+        # never asked to keep fc1's and it is not rebuilt
+        assert built == 2 and len(made) == 3
+        return loss.detach()
+
+    opt.step(closure)
+    assert alive_after_forward == [0]

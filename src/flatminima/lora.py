@@ -3,42 +3,58 @@
 Flat-LoRA (Li et al., 2024; seed 000) perturbs the *merged* weight ``W' = W0 + s·BA`` of every
 LoRA layer: ``ε = σ·Z ⊙ S`` with ``S_i = ‖W'_{i,:}‖₂/√n_in`` per output row. Adding ε to ``W0`` in
 place and subtracting it afterwards drifts a bf16 base weight step after step, and keeping a copy
-doubles the model. Here the base weight is never written: while the perturbed pass runs, a forward
-hook on each LoRA layer adds ``x·εᵀ`` to its output, where ε is generated from a per-step seed
-inside a custom autograd function and generated *again* from the same seed in the backward. Memory
-stays at one layer's noise at a time, the restore is exact by construction, and the global RNG is
-never used.
+doubles the model. Here the base weight is never written: while the perturbed pass runs, the base
+layer computes with a *noisy weight* ``W0 + ε`` built from a per-step seed in its forward, and built
+again from the same seed in the backward (DESIGN.md §4). Memory stays at one layer's noisy weight
+at a time, the restore is exact by construction, and the global RNG is never used. On CUDA the
+noisy weight comes from one fused Triton kernel (Philox noise scaled by the row norm, added to
+``W0``: :mod:`flatminima._triton`); elsewhere from ``torch.randn`` with a seeded generator.
 
 The LoRA layers are found from PEFT's own structure (``peft.tuners.lora.LoraLayer`` modules, their
-``base_layer``, ``lora_A``/``lora_B`` per active adapter and ``scaling``), not from parameter
-names. Linear LoRA layers (``nn.Linear`` bases, ``fan_in_fan_out`` included) are supported.
+``base_layer``, ``lora_A``/``lora_B`` (``lora_embedding_A``/``_B``) per active adapter and
+``scaling``), not from parameter names. Base layers may be ``nn.Linear``, ``nn.Conv1d/2d/3d`` (a
+row is an output channel) or ``nn.Embedding`` (a row is a token's vector).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from . import _triton
 from .methods import SAM, register
 from .optim import FlatOptimizer, MixGradient, Pass, Perturbation, check
 from .schedules import Cosine
 
+#: Base layers whose weight the functional noise can replace.
+NOISY_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
-    """The PEFT LoRA layers of ``model`` whose base layer is an ``nn.Linear``."""
+    """The PEFT LoRA layers of ``model`` whose base layer is an ``nn.Linear``, ``nn.Conv{1,2,3}d``
+    or ``nn.Embedding``."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError("merged-weight LoRA perturbations need PEFT: pip install 'flatminima[hf]'") from exc
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), nn.Linear)]
+        raise ImportError("LoRA scopes and merged-weight perturbations need PEFT: pip install 'flatminima[hf]'") from exc
+    return [m for m in model.modules()
+            if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), NOISY_LAYER_TYPES)]
 
 
 def _adapters(layer: nn.Module, adapter: Optional[str]) -> list[str]:
     names = list(layer.active_adapters) if adapter is None else [adapter]
-    return [n for n in names if n in layer.lora_A]
+    return [n for n in names if n in layer.lora_A or n in layer.lora_embedding_A]
+
+
+def _factors(layer: nn.Module, name: str) -> tuple[Tensor, Tensor]:
+    """The ``(A, B)`` parameters of adapter ``name`` in ``layer``."""
+    if name in layer.lora_embedding_A:
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
 def lora_parameters(model: nn.Module, adapter: Optional[str] = None, factors: str = "AB") -> list[Tensor]:
@@ -48,15 +64,13 @@ def lora_parameters(model: nn.Module, adapter: Optional[str] = None, factors: st
     check("factors", factors in ("A", "B", "AB"), factors, "'A', 'B' or 'AB'")
     layers = lora_layers(model)
     if adapter is not None:
-        known = sorted({n for layer in layers for n in layer.lora_A})
+        known = sorted({n for layer in layers for n in (*layer.lora_A, *layer.lora_embedding_A)})
         check("adapter", adapter in known, adapter, f"one of {', '.join(known)}")
     params = []
     for layer in layers:
         for name in _adapters(layer, adapter):
-            if "A" in factors:
-                params.append(layer.lora_A[name].weight)
-            if "B" in factors:
-                params.append(layer.lora_B[name].weight)
+            a, b = _factors(layer, name)
+            params += ([a] if "A" in factors else []) + ([b] if "B" in factors else [])
     check("model", bool(params), type(model).__name__, "a PEFT model with LoRA layers")
     return params
 
@@ -64,30 +78,39 @@ def lora_parameters(model: nn.Module, adapter: Optional[str] = None, factors: st
 def balancedness(model: nn.Module, adapter: Optional[str] = None) -> Tensor:
     """BAR's regularizer ``Σ_layers |‖A‖_F² − ‖B‖_F²|`` (Li et al., 2024; seed 001): add
     ``α_t·balancedness(model)`` to the loss, with any optimizer or method."""
-    terms = [(layer.lora_A[n].weight.square().sum() - layer.lora_B[n].weight.square().sum()).abs()
-             for layer in lora_layers(model) for n in _adapters(layer, adapter)]
+    terms = []
+    for layer in lora_layers(model):
+        for name in _adapters(layer, adapter):
+            a, b = _factors(layer, name)
+            terms.append((a.square().sum() - b.square().sum()).abs())
     check("model", bool(terms), type(model).__name__, "a PEFT model with LoRA layers")
     return torch.stack(terms).sum()
 
 
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+def _reduction_dtype(weight: Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 @torch.no_grad()
 def merged_weight(layer: nn.Module) -> Tensor:
-    """``W' = W0 + Σ_a s_a·B_a A_a`` over the active adapters (a plain ``nn.Linear``: its weight),
-    ``out × in``, in float32 (or float64)."""
-    if not hasattr(layer, "get_base_layer"):
-        w = layer.weight
-        return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-    base = layer.get_base_layer().weight
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    w = base.to(dtype)
-    if getattr(layer, "fan_in_fan_out", False):
-        w = w.T
-    w = w.clone()
-    if not getattr(layer, "merged", False):
-        for name in layer.active_adapters:
-            if name in layer.lora_A:
-                a, b = layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype)
-                w.add_(b @ a, alpha=float(layer.scaling[name]))
+    """``W' = W0 + Σ_a s_a·ΔW_a`` over the active adapters (``ΔW = BA`` for linear layers, PEFT's
+    ``get_delta_weight`` for convolutions and embeddings), shaped like the base weight, in float32
+    (float64 for a float64 base). A plain module: its weight."""
+    base = _base(layer).weight
+    dtype = _reduction_dtype(base)
+    w = base.to(dtype, copy=True)
+    if layer is _base(layer) or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return w
+    for name in _adapters(layer, None):
+        if isinstance(_base(layer), nn.Linear):
+            a, b = _factors(layer, name)
+            w.add_(b.to(dtype) @ a.to(dtype), alpha=float(layer.scaling[name]))
+        else:
+            w.add_(layer.get_delta_weight(name).to(dtype))
     return w
 
 
@@ -95,17 +118,45 @@ def merged_weight(layer: nn.Module) -> Tensor:
 ROW_SCALES = ("flatlora", "filter", "matrix", "uniform")
 
 
+def _fused_factors(layer: nn.Module) -> Optional[tuple[Tensor, Tensor, float]]:
+    """``(B, A, s)`` with ``W' = W0 + s·B·A`` for the fused row-norm kernel (CUDA, a linear LoRA
+    layer with its adapters unmerged; several adapters are stacked along the rank), else None."""
+    base = _base(layer).weight
+    if (layer is _base(layer) or not isinstance(_base(layer), nn.Linear) or getattr(layer, "merged", False)
+            or getattr(layer, "disable_adapters", False) or base.dtype == torch.float64):
+        return None
+    names = _adapters(layer, None)
+    if not names:
+        return None
+    if len(names) == 1:
+        a, b = _factors(layer, names[0])
+        factors = b, a, float(layer.scaling[names[0]])
+    else:
+        pairs = [_factors(layer, n) for n in names]
+        factors = (torch.cat([b * float(layer.scaling[n]) for n, (_, b) in zip(names, pairs)], dim=1),
+                   torch.cat([a for a, _ in pairs], dim=0), 1.0)
+    return factors if _triton.row_norm_supported(base, factors[1].shape[0]) else None
+
+
 @torch.no_grad()
 def row_scale(layer: nn.Module, sigma: float, noise: str = "flatlora") -> Tensor:
-    """``σ·S`` per output row (``out × 1``) of the merged weight ``W'``: ``‖W'_{i,:}‖₂/√n_in``
-    (Flat-LoRA), ``‖W'_{i,:}‖₂`` (filter), ``‖W'‖_F`` (matrix) or 1 (uniform)."""
-    w = merged_weight(layer)
+    """``σ·S`` per output row (``rows × 1``) of the merged weight ``W'`` viewed as ``rows × n_in``:
+    ``‖W'_{i,:}‖₂/√n_in`` (Flat-LoRA), ``‖W'_{i,:}‖₂`` (filter), ``‖W'‖_F`` (matrix) or 1
+    (uniform). On CUDA the row norms of a linear LoRA layer come from one fused kernel that never
+    forms ``W'`` in memory; a plain module's norms are read from its weight without a copy."""
+    base = _base(layer).weight
+    rows, dtype = base.shape[0], _reduction_dtype(base)
     if noise == "uniform":
-        return torch.full((w.shape[0], 1), float(sigma), dtype=w.dtype, device=w.device)
+        return torch.full((rows, 1), float(sigma), dtype=dtype, device=base.device)
+    factor = sigma / math.sqrt(base[0].numel()) if noise == "flatlora" else sigma
+    if noise != "matrix":
+        fused = _fused_factors(layer)
+        if fused is not None:
+            return _triton.merged_row_norms(base, *fused, factor).reshape(rows, 1)
+    w = (base if layer is _base(layer) else merged_weight(layer)).reshape(rows, -1)
     if noise == "matrix":
-        return (sigma * torch.linalg.vector_norm(w)).expand(w.shape[0], 1).clone()
-    rows = torch.linalg.vector_norm(w, dim=1, keepdim=True)
-    return rows * (sigma / math.sqrt(w.shape[1]) if noise == "flatlora" else sigma)
+        return (sigma * torch.linalg.vector_norm(w, dtype=dtype)).expand(rows, 1).clone()
+    return torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=dtype).mul_(factor)
 
 
 def flat_lora_row_scale(layer: nn.Module, sigma: float) -> Tensor:
@@ -113,86 +164,157 @@ def flat_lora_row_scale(layer: nn.Module, sigma: float) -> Tensor:
     return row_scale(layer, sigma, "flatlora")
 
 
-def frozen_linear_layers(model: nn.Module, whole_model: bool = False) -> list[nn.Module]:
+def frozen_layers(model: nn.Module, whole_model: bool = False) -> list[nn.Module]:
     """The layers whose (merged) weight the functional noise perturbs: every LoRA layer and, with
-    ``whole_model``, every other ``nn.Linear`` whose weight is frozen (embeddings and norms are
-    left out: their weights are not matrices acting on an input)."""
+    ``whole_model``, every other ``nn.Linear``, ``nn.Conv{1,2,3}d`` and ``nn.Embedding`` whose weight
+    is frozen. Frozen 1-D tensors (norms, biases) are left out: perturbing them would mean writing
+    them (DESIGN.md §3 lets the scope exclude them)."""
     layers = lora_layers(model)
     if whole_model:
         inside = {id(m) for layer in layers for m in layer.modules()}
-        layers += [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside
+        layers += [m for m in model.modules() if isinstance(m, NOISY_LAYER_TYPES) and id(m) not in inside
                    and not m.weight.requires_grad]
     return layers
 
 
-def layer_noise(seed: int, row_scale: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """``ε = Z ⊙ row_scale`` with ``Z`` from a generator seeded by ``seed`` on ``row_scale``'s device."""
+def layer_noise(seed: int, row_scale: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``ε = Z ⊙ row_scale`` (one scale per row, ``shape[0]`` rows) with ``Z`` from a
+    ``torch.Generator`` seeded by ``seed`` on ``row_scale``'s device: the torch-ops path."""
     gen = torch.Generator(device=row_scale.device).manual_seed(seed)
     z = torch.randn(shape, generator=gen, device=row_scale.device, dtype=row_scale.dtype)
-    return z.mul_(row_scale).to(dtype)
+    return z.mul_(row_scale.reshape(-1, *[1] * (len(shape) - 1))).to(dtype)
 
 
-class _NoisyDelta(torch.autograd.Function):
-    """``x ↦ x·εᵀ`` with ε rebuilt from its seed in the backward instead of being saved."""
+KERNELS = ("auto", "triton", "torch")
 
-    @staticmethod
-    def forward(ctx, x: Tensor, row_scale: Tensor, seed: int) -> Tensor:
-        shape = (row_scale.shape[0], x.shape[-1])
-        ctx.save_for_backward(row_scale)
-        ctx.seed, ctx.shape, ctx.dtype = seed, shape, x.dtype
-        return nn.functional.linear(x, layer_noise(seed, row_scale, shape, x.dtype))
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (row_scale,) = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ layer_noise(ctx.seed, row_scale, ctx.shape, grad.dtype)
-        return grad_x, None, None
+def noisy_weight(weight: Tensor, row_scale: Tensor, seed: int, dtype: Optional[torch.dtype] = None,
+                 kernel: str = "auto") -> Tensor:
+    """``W + Z ⊙ S`` in ``dtype`` (default ``W``'s), ``S`` one value per row, ``Z ~ N(0, 1)`` keyed by
+    ``seed``: the fused Triton kernel on CUDA (``kernel="auto"`` or ``"triton"``), else
+    :func:`layer_noise` added in the scale's precision. Same seed, same device, same kernel → the
+    same tensor, bit for bit."""
+    dtype = weight.dtype if dtype is None else dtype
+    if kernel != "torch" and _triton.supported(weight):
+        return _triton.noisy_weight(weight, row_scale, seed, dtype)
+    check("kernel", kernel != "triton", kernel, "'auto' or 'torch' where Triton or CUDA is not available")
+    return layer_noise(seed, row_scale, tuple(weight.shape), row_scale.dtype).add_(weight).to(dtype)
+
+
+class _RegeneratedWeight:
+    """Saved-tensor hooks around one layer's op: the noisy weight (or a view of it) that autograd
+    would keep for the backward is replaced by its recipe (dtype and view geometry) and rebuilt from
+    the seed when the backward unpacks it, so no weight-sized tensor lives between the forward and
+    the backward; every other saved tensor passes through. The backward itself is PyTorch's own
+    (linear, convolution, embedding), so biases, padding modes and autocast behave as usual. Saved
+    tensors of this one op bypass saved-tensor hooks a user installs around the model."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, seed: int, kernel: str):
+        self.weight, self.scale, self.seed, self.kernel = weight, scale, seed, kernel
+        self.noisy: Optional[Tensor] = None
+
+    def pack(self, t: Tensor) -> Any:
+        noisy = self.noisy
+        if noisy is not None and t.untyped_storage().data_ptr() == noisy.untyped_storage().data_ptr():
+            return (t.dtype, t.size(), t.stride(), t.storage_offset())
+        return t
+
+    def unpack(self, packed: Any) -> Tensor:
+        if isinstance(packed, tuple):
+            dtype, size, stride, offset = packed
+            return noisy_weight(self.weight, self.scale, self.seed, dtype, self.kernel).as_strided(size, stride, offset)
+        return packed
+
+
+def _noisy_forward(module: nn.Module, scale: Tensor, seed: int, kernel: str) -> Callable[..., Tensor]:
+    """``module``'s forward with its weight replaced by ``W + ε``, built from ``seed`` in the
+    forward and again in the backward (:class:`_RegeneratedWeight`); ``W`` is never written."""
+    weight = module.weight
+    recipe = _RegeneratedWeight(weight, scale, seed, kernel)
+
+    if isinstance(module, nn.Embedding):
+        def op(ids, table):
+            return F.embedding(ids, table, module.padding_idx, module.max_norm, module.norm_type,
+                               module.scale_grad_by_freq, module.sparse)
+    elif isinstance(module, nn.Linear):
+        def op(x, w):
+            return F.linear(x, w, module.bias)
+    else:
+        def op(x, w):
+            return module._conv_forward(x, w, module.bias)
+
+    def forward(x: Tensor) -> Tensor:
+        dtype = weight.dtype
+        if torch.is_autocast_enabled(x.device.type) and not isinstance(module, nn.Embedding):
+            dtype = torch.get_autocast_dtype(x.device.type)  # the dtype autocast would cast W to
+        recipe.noisy = noisy_weight(weight, scale, seed, dtype, kernel)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(recipe.pack, recipe.unpack):
+                return op(x, recipe.noisy)
+        finally:
+            recipe.noisy = None
+
+    return forward
+
+
+class _Patched:
+    """Replace ``module.forward`` for the duration of a pass and put back exactly what was there."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Tensor]):
+        self.module, self.saved = module, module.__dict__.get("forward")
+        module.forward = forward
+
+    def undo(self) -> None:
+        if self.saved is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.saved
 
 
 class MergedWeightNoise(Perturbation):
     """Noise on the merged weight of every LoRA layer of ``model`` (and, with ``whole_model``, on
-    every other frozen ``nn.Linear``), applied functionally (see the module docstring) with a
-    row-wise scale ``noise`` (:data:`ROW_SCALES`); one draw per optimizer step, held over all
-    micro-batches of the step, seeded by (seed, step, rank, layer index)."""
+    every other frozen linear, convolution and embedding layer), applied functionally (see the
+    module docstring) with a row-wise scale ``noise`` (:data:`ROW_SCALES`); one draw per optimizer
+    step, held over all micro-batches of the step, seeded by (seed, step, rank, layer index).
+    ``kernel``: ``"auto"`` (the fused Triton kernel on CUDA), ``"triton"`` or ``"torch"``."""
 
     needs_clean_pass = False
     needs_clean_grad = False
 
-    def __init__(self, model: nn.Module, noise: str = "flatlora", whole_model: bool = False):
+    def __init__(self, model: nn.Module, noise: str = "flatlora", whole_model: bool = False, kernel: str = "auto"):
         check("noise", noise in ROW_SCALES, noise, f"one of {', '.join(ROW_SCALES)}")
         check("whole_model", isinstance(whole_model, bool), whole_model, "True or False")
-        self.noise, self.whole_model = noise, whole_model
-        self.layers = frozen_linear_layers(model, whole_model)
+        check("kernel", kernel in KERNELS, kernel, f"one of {', '.join(KERNELS)}")
         check("model", bool(lora_layers(model)), type(model).__name__,
-              "a PEFT model with LoRA layers on nn.Linear modules")
+              "a PEFT model with LoRA layers on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding modules")
+        self.noise, self.whole_model, self.kernel = noise, whole_model, kernel
+        self.layers = frozen_layers(model, whole_model)
         for layer in self.layers:
-            weight = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
-            check("model", not weight.requires_grad, "a trainable base weight",
+            base = _base(layer)
+            check("model", not base.weight.requires_grad, "a trainable base weight",
                   "frozen base weights (the noise is applied functionally to frozen weights only)")
+            check("model", not getattr(layer, "lora_variant", None), "a LoRA variant (DoRA)",
+                  "plain LoRA adapters (the merged weight of a variant is not W0 + s·BA)")
 
     def __repr__(self) -> str:
-        return f"MergedWeightNoise({len(self.layers)} layers, noise={self.noise!r}, whole_model={self.whole_model})"
+        return (f"MergedWeightNoise({len(self.layers)} layers, noise={self.noise!r}, whole_model={self.whole_model}, "
+                f"kernel={self.kernel!r})")
 
     def run(self, opt: FlatOptimizer, clean_loss: Any):
         sigma = opt.strengths()[0]
         combination, every = opt.combination, opt.all_params_with_grad()
         state = combination.start(opt, every)
-        handles = []
+        patches = []
         try:
-            for i, layer in enumerate(self.layers):
-                scale = row_scale(layer, sigma, self.noise)
-                seed = opt.rng_seed(stream=i)
-
-                def hook(module, args, output, scale=scale, seed=seed):
-                    return output + _NoisyDelta.apply(args[0], scale, seed).to(output.dtype)
-
-                handles.append(layer.register_forward_hook(hook))
+            if sigma != 0.0:  # σ = 0 (the ramp's first step) is the base optimizer's step, bit for bit
+                for i, layer in enumerate(self.layers):
+                    scale = row_scale(layer, sigma, self.noise).reshape(-1)
+                    patches.append(_Patched(_base(layer), _noisy_forward(_base(layer), scale, opt.rng_seed(stream=i),
+                                                                          self.kernel)))
             yield Pass("perturbed", backward=True, sync=True, full_window=not combination.uses_clean)
         finally:
-            for handle in handles:
-                handle.remove()
+            for patch in reversed(patches):
+                patch.undo()
         every = opt.all_params_with_grad()
         combination.after_pass(state, every)
         return [combination.finish(opt, state, every, 1)]
@@ -214,16 +336,19 @@ class FlatLoRA(FlatOptimizer):
     made twice per layer: forward and backward).
 
     Seed 000's variants are options: ``noise`` (``"flatlora"``, ``"filter"``, ``"matrix"``,
-    ``"uniform"`` scales of the merged weight), ``whole_model=True`` (every frozen linear layer too)
+    ``"uniform"`` scales of the merged weight), ``whole_model=True`` (every frozen linear, convolution
+    and embedding layer too)
     and ``noisy_weight = λ < 1`` (the m-RWP mix ``λ·g_noisy + (1 − λ)·g_clean``, 2 fb).
     Noise on the LoRA factors only is ``fm.RWP``/``fm.MRWP`` with ``scope=lora_parameters(model)``.
+    ``kernel`` picks the noisy-weight kernel (:func:`noisy_weight`).
     """
 
     def __init__(self, base, model: nn.Module, rho: float = 0.05, noise: str = "flatlora",
-                 whole_model: bool = False, noisy_weight: float = 1.0, schedule=None, total_steps=None, **common):
+                 whole_model: bool = False, noisy_weight: float = 1.0, schedule=None, total_steps=None,
+                 kernel: str = "auto", **common):
         check("noisy_weight", isinstance(noisy_weight, (int, float)) and 0.0 <= noisy_weight <= 1.0, noisy_weight,
               "a float in [0, 1]")
-        perturbation = MergedWeightNoise(model, noise, whole_model)
+        perturbation = MergedWeightNoise(model, noise, whole_model, kernel)
         combination = MixGradient(float(noisy_weight)) if noisy_weight < 1.0 else None
         super().__init__(base, perturbation=perturbation, combination=combination, strength=rho,
                          schedule=_ramp(total_steps, schedule), total_steps=total_steps, **common)
