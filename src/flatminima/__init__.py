@@ -10,14 +10,14 @@ from .methods import (AESAM, ASAM, GASAM, LPFSGD, MRWP, RWP, SAM, SSAM, Base, La
                       RandomSearchSAM, StochasticSAM, available, create, get, hyperparameters, register)
 from .optim import FlatOptimizer, Pass, params_by_name
 from .engine import StepResult, TrainStep, train_step
-from . import lora
+from . import diagnostics, lora
 from .lora import FlatLoRA, SAMLoRA
 from .scale import Scale
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AESAM", "ASAM", "Base", "FlatLoRA", "SAMLoRA", "lora", "LPFSGD", "MRWP", "RWP", "params_by_name", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
+    "AESAM", "ASAM", "Base", "FlatLoRA", "SAMLoRA", "diagnostics", "lora", "LPFSGD", "MRWP", "RWP", "params_by_name", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
     "RandomSearchSAM", "SAM", "SSAM", "Scale", "StochasticSAM", "available", "create", "get", "hyperparameters",
     "register", "schedules", "StepResult", "TrainStep", "train_step",
 ]

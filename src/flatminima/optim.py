@@ -289,6 +289,7 @@ class Adversarial(Perturbation):
                     if k > 1:
                         F.restore_(params, saved)
                     torch._foreach_add_(params, a)
+                opt.note_perturbation(params, saved)
                 last = k == self.steps
                 if last:
                     # Only the saved weights (and what the combination keeps) live through the pass.
@@ -353,6 +354,7 @@ class RandomSearch(Perturbation):
             if best >= 0:
                 with torch.no_grad():
                     torch._foreach_add_(params, self._delta(opt, params, gidx, best))
+            opt.note_perturbation(params, saved)
             yield Pass("perturbed", backward=True, sync=True)
         finally:
             F.restore_(params, saved)
@@ -416,6 +418,7 @@ class RandomNoise(Perturbation):
                         F.restore_(params, saved)
                     for p, eps in zip(params, self.noise(opt, params, gidx, m, scale)):
                         p.add_(eps)
+                opt.note_perturbation(params, saved)
                 batch = (m, self.samples) if self.per_batch else self.noisy_batch
                 yield Pass("perturbed", backward=True, sync=True, full_window=full_window, batch=batch,
                            loss_weight=loss_weight)
@@ -599,7 +602,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._plan_gen: Optional[Plan] = None
         self._request: Optional[Pass] = None
+        self._answering: Optional[Pass] = None  # the pass whose result _advance receives next
         self._commits: list = []
+        self._tracking: Optional[dict] = None
+        self.statistics: dict[str, Any] = {}
 
     # -- views -------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -611,6 +617,52 @@ class FlatOptimizer(torch.optim.Optimizer):
     def step_count(self) -> int:
         """Optimizer steps taken (AMP-skipped steps do not count)."""
         return self._step
+
+    def track_statistics(self, enabled: bool = True, cosine: bool = True) -> None:
+        """Record, for every step taken, :attr:`statistics`: ``clean_loss`` and ``grad_norm`` (the
+        clean pass), ``perturbed_loss`` and ``perturbed_grad_norm`` (the last perturbed pass),
+        ``sharpness = perturbed_loss − clean_loss``, ``eps_norm`` (‖ε‖₂ of the last perturbation,
+        for methods that write ε into the weights) and, with ``cosine``, ``cosine`` between the
+        clean and the perturbed gradient (this keeps a copy of the clean gradient during the step).
+        Values are 0-dim tensors (no host sync); a key is absent when the step had no such pass
+        (RWP has no clean pass; a trigger that does not fire has no perturbed one). Losses are
+        known when the step runs through ``step(closure)`` or :class:`~flatminima.TrainStep`."""
+        check("enabled", isinstance(enabled, bool), enabled, "True or False")
+        self._tracking = {"cosine": bool(cosine), "pending": {}, "clean_grad": None} if enabled else None
+        self.statistics = {}
+
+    def note_perturbation(self, params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+        """Called by a perturbation with the weights at ``w + ε`` and the saved ``w``: records
+        ``‖ε‖₂`` when statistics are tracked (a no-op otherwise)."""
+        if self._tracking is not None and params:
+            with torch.no_grad():
+                self._tracking["pending"]["eps_norm"] = F.global_norm(torch._foreach_sub(list(params), list(saved)))
+
+    def _observe(self, request: Optional[Pass], loss: Any) -> None:
+        """Fold one pass's loss and gradient into the step's pending statistics."""
+        track = self._tracking
+        if track is None or request is None:
+            return
+        pending, clean = track["pending"], request.role == "clean"
+        if torch.is_tensor(loss) or isinstance(loss, (int, float)):
+            pending["clean_loss" if clean else "perturbed_loss"] = torch.as_tensor(loss).detach().reshape(())
+        if not request.backward or request.role == "probe":
+            return
+        with torch.no_grad():
+            grads = [p.grad for p in self.all_params_with_grad()]
+            if not grads:
+                return
+            norm = F.global_norm(grads)
+            if clean:
+                pending["grad_norm"] = norm
+                if track["cosine"]:
+                    track["clean_grad"] = F.clone(grads)
+            else:
+                pending["perturbed_grad_norm"] = norm
+                reference = track["clean_grad"]
+                if reference is not None and len(reference) == len(grads):
+                    dot = torch.stack([(a.double() * b.double()).sum() for a, b in zip(grads, reference)]).sum()
+                    pending["cosine"] = (dot / (norm.double() * F.global_norm(reference).double())).float()
 
     def rng_seed(self, stream: int = 0, device_index: int = 0) -> int:
         """Seed for the method's own generators: a function of (seed, step, rank, stream).
@@ -683,23 +735,30 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _advance(self, result: Any) -> None:
         """Send a pass's result to the plan and fetch the next request (None when done)."""
+        self._observe(self._answering, result)
         try:
             self._request = self._plan_gen.send(result)
         except StopIteration as stop:
             self._commits = [c for c in (stop.value or []) if c is not None]
             self._request = None
+        self._answering = self._request
 
     def _start(self) -> Pass:
         self._plan_gen = self._plan()
         self._request = None
         self._commits = []
-        return next(self._plan_gen)
+        if self._tracking is not None:
+            self._tracking["pending"], self._tracking["clean_grad"] = {}, None
+        self._answering = next(self._plan_gen)
+        return self._answering
 
     def abort(self) -> None:
         """Abandon the step in progress: weights back to ``w`` exactly, method state untouched."""
         if self._plan_gen is not None:
             self._plan_gen.close()
-        self._plan_gen, self._request, self._commits = None, None, []
+        self._plan_gen, self._request, self._answering, self._commits = None, None, None, []
+        if self._tracking is not None:
+            self._tracking["pending"], self._tracking["clean_grad"] = {}, None
 
     def run_plan(self, runner: Runner) -> Any:
         """Drive a whole step's passes with ``runner(pass) -> loss``; return the clean loss.
@@ -728,7 +787,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not skipped:
             for commit in self._commits:
                 commit()
+            if self._tracking is not None:
+                stats = dict(self._tracking["pending"], step=self._step)
+                if "clean_loss" in stats and "perturbed_loss" in stats:
+                    stats["sharpness"] = stats["perturbed_loss"] - stats["clean_loss"]
+                self.statistics = stats
             self._step += 1
+        if self._tracking is not None:
+            self._tracking["pending"], self._tracking["clean_grad"] = {}, None
         self._plan_gen, self._request, self._commits = None, None, []
 
     # -- explicit form -----------------------------------------------------------------------

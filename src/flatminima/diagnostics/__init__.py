@@ -1,7 +1,21 @@
 """Diagnostics: is this minimum flat? (DESIGN.md §5, §10.) Free functions that take
 ``(model, loss_fn, data)`` and return plain results; none of them writes the model (see
-:mod:`flatminima.diagnostics.objective`)."""
+:mod:`flatminima.diagnostics.objective`). Figures: :mod:`flatminima.diagnostics.plots`
+(matplotlib, imported on use)."""
 
+from .landscape import (Interpolation, Landscape, filter_normalize, filter_normalized_direction, interpolate,
+                        landscape_directions, load_npz, loss_landscape, save_npz)
 from .objective import Objective, batch_size, is_batch, iter_batches, modes, select_params
+from .robustness import PerturbationCurve, RobustnessTable, accuracy, corruption_robustness, perturbation_curve
+from .sharpness import AverageSharpness, MSharpness, Sharpness, average_sharpness, m_sharpness, worst_case_sharpness
+from .shift import ShiftStrength, ShiftTrial, mixed_dataset, shift_strength, shift_trial
+from .training import TrainingLog
 
-__all__ = ["Objective", "batch_size", "is_batch", "iter_batches", "modes", "select_params"]
+__all__ = [
+    "AverageSharpness", "Interpolation", "Landscape", "MSharpness", "Objective", "PerturbationCurve",
+    "RobustnessTable", "Sharpness", "ShiftStrength", "ShiftTrial", "TrainingLog", "accuracy", "average_sharpness",
+    "batch_size", "corruption_robustness", "filter_normalize", "filter_normalized_direction", "interpolate",
+    "is_batch", "iter_batches", "landscape_directions", "load_npz", "loss_landscape", "m_sharpness", "mixed_dataset",
+    "modes", "perturbation_curve", "save_npz", "select_params", "shift_strength", "shift_trial",
+    "worst_case_sharpness",
+]

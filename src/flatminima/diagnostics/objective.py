@@ -174,12 +174,22 @@ class Objective:
         """``loss_fn(model_w, batch)`` with the chosen parameters set to ``values``. Call it inside
         :meth:`session` (mode and RNG); in train mode dropout is reseeded with ``seed`` on every
         call so the objective is deterministic, and running statistics go to clones."""
+        return self.evaluate(self.loss_fn, values, batch)
+
+    def evaluate(self, fn: Callable[[nn.Module, Any], Any], values: Sequence[Tensor], batch: Any,
+                 buffers: Optional[dict[str, Tensor]] = None) -> Any:
+        """``fn(model_w, batch)`` for any function of the model (a metric such as accuracy), with the
+        same substitution as :meth:`loss`; ``buffers`` (qualified name → tensor) substitutes buffers
+        too (interpolated BatchNorm statistics, say)."""
         check("values", len(values) == len(self.params), len(values), f"{len(self.params)} tensors (one per parameter)")
         substituted = {f"model.{n}": v for n, v in zip(self.names, values)}
         if self.model.training:
             torch.manual_seed(self.seed)
             substituted.update({k: b.clone() for k, b in self._buffers.items()})
-        return functional_call(self._wrapper, substituted, (batch,))
+        if buffers:
+            substituted.update({f"model.{n}": b.clone() if self.model.training else b for n, b in buffers.items()})
+        wrapper = self._wrapper if fn is self.loss_fn else _LossModule(self.model, fn)
+        return functional_call(wrapper, substituted, (batch,))
 
     def value(self, values: Optional[Sequence[Tensor]] = None) -> float:
         """``L(values)`` over all of ``data`` (batch-size weighted mean), no gradient."""
