@@ -1,8 +1,11 @@
-"""Command line: ``flatminima run`` (the main experiment) and ``flatminima list`` (what is available).
+"""Command line: ``flatminima run`` (the main experiment), ``flatminima diagnose`` (is this minimum
+flat?) and ``flatminima list`` (what is available).
 
     flatminima run --preset quick --methods sgd,sam --seeds 0,1 --out /tmp/fm
     flatminima run --config configs/default.json
     flatminima run --preset text
+    flatminima run --preset quick --save-models --out /tmp/fm
+    flatminima diagnose --preset quick --checkpoint /tmp/fm/runs/sam_seed0.pt --out /tmp/fm/diagnose_sam
     flatminima list
 """
 
@@ -45,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu or cuda[:N]")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show a progress bar (default: when stderr is a terminal)")
+    run.add_argument("--save-models", action="store_true", help="save each run's state dict as runs/LABEL_seedN.pt")
+
+    from .diagnostics.report import DEFAULT_DIAGNOSTICS, DIAGNOSTICS
+    diagnose = sub.add_parser("diagnose", help="run flatness diagnostics on a trained model and write a report")
+    diagnose.add_argument("--preset", default="default", help="the task and model (as for run); default: %(default)s")
+    diagnose.add_argument("--config", help="JSON file of config fields, applied on top of the preset")
+    diagnose.add_argument("--checkpoint", help="a state dict saved by `run --save-models` (default: the model "
+                          "at its seed-0 initialization)")
+    diagnose.add_argument("--diagnostics", type=_csv_list, default=list(DEFAULT_DIAGNOSTICS),
+                          help=f"comma-separated, from: {', '.join(DIAGNOSTICS)}; default: %(default)s")
+    diagnose.add_argument("--samples", type=int, default=512, help="test examples to use (default: %(default)s)")
+    diagnose.add_argument("--params", default="trainable",
+                          help="trainable, all, lora, or a regular expression on parameter names")
+    diagnose.add_argument("--mode", default="eval", choices=["eval", "train"], help="model mode while measuring")
+    diagnose.add_argument("--seed", type=int, default=0, help="seed of the probes and directions")
+    diagnose.add_argument("--device", help="auto, cpu or cuda[:N]")
+    diagnose.add_argument("--out", default="results/diagnose", help="output folder (default: %(default)s)")
     sub.add_parser("list", help="list methods and their hyperparameters, tasks, models and presets")
     return parser
 
@@ -81,8 +101,42 @@ def _run(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     if args.out:
         overrides["out_dir"] = args.out
+    if args.save_models:
+        overrides["save_models"] = True
     config = ExperimentConfig.from_dict(overrides, base=config)
     run_experiment(config, progress=args.progress)
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .data import load_task
+    from .diagnostics.report import report
+    from .experiment import (ExperimentConfig, _cross_entropy, accuracy_counts, build_model, diagnostic_batches,
+                             preset, resolve_device)
+
+    config = preset(args.preset)
+    if args.config:
+        config = ExperimentConfig.load(args.config, base=config)
+    overrides = {"diagnostics_samples": args.samples, "out_dir": args.out}
+    if args.device:
+        overrides["device"] = args.device
+    config = ExperimentConfig.from_dict(overrides, base=config)
+    device = resolve_device(config.device)
+    data = load_task(config.task, **config.task_options).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seeds[0])
+        model = build_model(config.model, data, **config.model_options).to(device)
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    result = report(model, _cross_entropy, diagnostic_batches(config, data), args.out, args.diagnostics,
+                    params=args.params, metric_fn=accuracy_counts, mode=args.mode, seed=args.seed, log=print)
+    print(json.dumps(result["summary"], indent=1))
+    print(f"report in {args.out}/report.json")
     return 0
 
 
@@ -113,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return _run(args) if args.command == "run" else _list()
+        return {"run": _run, "diagnose": _diagnose}.get(args.command, lambda _: _list())(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"flatminima: error: {exc}\n")
 

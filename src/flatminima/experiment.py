@@ -15,6 +15,12 @@ methods whose steps have no clean pass (RWP, LPF-SGD, Flat-LoRA) report the loss
 pass instead.
 Means and sample standard deviations are over seeds.
 
+Diagnostics (``diagnostics``, on the first ``diagnostics_samples`` test examples, after training):
+any of :data:`flatminima.diagnostics.report.DIAGNOSTICS` per run (λ_max, trace, sharpness, ... as
+mean ± std over seeds in ``results.md``), and ``"interpolation"``: the loss along the line from the
+reference method's model to each other method's model (first seed, same initialization) in
+``interpolation.png``.
+
 Timing: the wall time of the training steps only (evaluation excluded, the device synchronized at
 the boundaries), divided by the number of optimizer steps; the table reports it relative to the
 reference method (the first one that is the plain base optimizer, ``sgd``).
@@ -129,6 +135,17 @@ DEFAULT_METHODS: dict[str, dict[str, Any]] = {
 }
 
 #: The LoRA text task's methods (AdamW base): SAM on the LoRA parameters, m-RWP, Flat-LoRA.
+#: Per-run diagnostics the experiment can compute (:mod:`flatminima.diagnostics.report`), and
+#: ``"interpolation"`` between the reference method's model and each other method's.
+RUN_DIAGNOSTICS = ("hessian", "trace", "density", "batch_hessian", "sharpness", "average_sharpness", "robustness",
+                   "curve", "landscape_1d", "landscape_2d", "interpolation")
+#: Settings for the per-run diagnostics: cheap enough to run after every unit.
+RUN_DIAGNOSTIC_OPTIONS = {"hessian": {"k": 1, "tol": 1e-3}, "trace": {"probes": 20, "rtol": 0.05, "min_probes": 10},
+                          "sharpness": {"rho": 0.05, "steps": 5}, "average_sharpness": {"sigma": 0.01, "samples": 8}}
+
+#: The main job's diagnostics section.
+MAIN_DIAGNOSTICS = ("hessian", "trace", "sharpness", "average_sharpness", "interpolation")
+
 TEXT_METHODS: dict[str, dict[str, Any]] = {
     "adamw": {"method": "base"},
     "sam": {"rho": 0.05},
@@ -182,6 +199,9 @@ class ExperimentConfig:
     eval_batch_size: int = 1000
     device: str = "auto"
     out_dir: str = "results/custom"
+    diagnostics: list[str] = field(default_factory=list)
+    diagnostics_samples: int = 512
+    save_models: bool = False
 
     # -- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +262,12 @@ class ExperimentConfig:
         if not isinstance(self.out_dir, str) or not self.out_dir:
             _fail("out_dir", self.out_dir, "a folder path")
         _check_base(self.base_settings())
+        if not isinstance(self.diagnostics, list) or not all(d in RUN_DIAGNOSTICS for d in self.diagnostics):
+            _fail("diagnostics", self.diagnostics, f"a list of: {', '.join(RUN_DIAGNOSTICS)}")
+        if not _is_int(self.diagnostics_samples) or self.diagnostics_samples < 1:
+            _fail("diagnostics_samples", self.diagnostics_samples, "an int >= 1")
+        if not isinstance(self.save_models, bool):
+            _fail("save_models", self.save_models, "true or false")
         if not isinstance(self.methods, dict) or not self.methods:
             _fail("methods", self.methods, "a non-empty mapping of method label to settings")
         for label in self.methods:
@@ -321,7 +347,8 @@ def _check_base(base: dict[str, Any]) -> None:
 def _preset_quick() -> ExperimentConfig:
     """Digits with an MLP: about a second per run on a laptop CPU."""
     return ExperimentConfig(name="quick", task="digits", model="mlp", model_options={"hidden": 128, "depth": 2},
-                            epochs=10, batch_size=64, lr=0.05, eval_every=22, out_dir="results/quick")
+                            epochs=10, batch_size=64, lr=0.05, eval_every=22, out_dir="results/quick",
+                            diagnostics=list(MAIN_DIAGNOSTICS), diagnostics_samples=256)
 
 
 def _preset_default() -> ExperimentConfig:
@@ -329,7 +356,7 @@ def _preset_default() -> ExperimentConfig:
     16 epochs (624 steps): the 7 methods × 3 seeds take about 6.5 min on 2 idle CPU cores."""
     return ExperimentConfig(name="default", task="fashion_mnist", model="cnn", model_options={"width": 8},
                             epochs=16, batch_size=128, lr=0.05, train_subset=5_000, eval_every=78,
-                            out_dir="results/default")
+                            out_dir="results/default", diagnostics=list(MAIN_DIAGNOSTICS))
 
 
 def _preset_full() -> ExperimentConfig:
@@ -403,6 +430,12 @@ def _cross_entropy(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> torc
 
 
 @torch.no_grad()
+def accuracy_counts(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(correct, count)`` on one batch: the metric the diagnostics report beside the loss."""
+    x, y = batch
+    return (logits(model, x).argmax(-1) == y).sum(), len(y)
+
+
 def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode; the training mode is restored."""
     was_training = model.training
@@ -430,21 +463,49 @@ def steps_per_epoch(config: ExperimentConfig, data: Dataset) -> int:
     return n
 
 
+def diagnostic_batches(config: ExperimentConfig, data: Dataset) -> list:
+    """The data the diagnostics run on: the first ``diagnostics_samples`` test examples, in
+    batches of at most 256."""
+    n = min(config.diagnostics_samples, len(data.y_test))
+    size = min(256, config.eval_batch_size)
+    return [(take(data.x_test, slice(i, min(i + size, n))), data.y_test[i:min(i + size, n)]) for i in range(0, n, size)]
+
+
+def run_diagnostics(config: ExperimentConfig, data: Dataset, model: nn.Module, seed: int) -> dict[str, Any]:
+    """The per-run diagnostics of ``config`` on ``model``: headline numbers and wall times."""
+    from .diagnostics.report import report
+
+    names = [d for d in config.diagnostics if d != "interpolation"]
+    if not names:
+        return {}
+    result = report(model, _cross_entropy, diagnostic_batches(config, data), diagnostics=names, seed=seed,
+                    options={k: v for k, v in RUN_DIAGNOSTIC_OPTIONS.items() if k in names}, figures=False)
+    return {"summary": result["summary"], "seconds": result["seconds"]}
+
+
 def run_one(config: ExperimentConfig, data: Dataset, label: str, seed: int, device: torch.device,
-            on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+            on_step: Optional[Callable[[dict], None]] = None,
+            on_model: Optional[Callable[[nn.Module], None]] = None) -> dict[str, Any]:
     """Train one (method, seed) unit; return its JSON-ready record.
 
     The seed fixes the initialization and everything else drawn from the global RNG during
     training (dropout): the unit runs inside ``fork_rng`` after ``torch.manual_seed(seed)``, so the
     caller's global RNG state is left as it was; the shuffling uses a local generator and the
     method its own generators. The training loss of every step stays on the device and is read at
-    evaluation points only. ``on_step(info)`` is called after every step (progress display).
+    evaluation points only. ``on_step(info)`` is called after every step (progress display),
+    ``on_model(model)`` with the trained model. The record holds the config's per-run diagnostics.
     """
     name, base_settings, hyper = config.method_spec(label)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = build_model(config.model, data, **config.model_options).to(device)
-        return _train(config, data, label, seed, device, on_step, model, name, base_settings, hyper)
+        record = _train(config, data, label, seed, device, on_step, model, name, base_settings, hyper)
+    diagnostics = run_diagnostics(config, data, model, seed)
+    if diagnostics:
+        record["diagnostics"] = diagnostics
+    if on_model is not None:
+        on_model(model)
+    return record
 
 
 def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, device: torch.device,
@@ -559,21 +620,50 @@ def format_table(rows: list[dict[str, Any]], reference: Optional[str] = None) ->
     return "\n".join(lines)
 
 
+#: Headline diagnostics in the results table: (summary key, column title).
+DIAGNOSTIC_COLUMNS = (("lambda_max", "λ_max"), ("trace", "tr(H)"), ("sharpness", "worst-case sharpness (ρ = 0.05)"),
+                      ("average_sharpness", "average sharpness (σ = 0.01)"), ("lambda_max_batch_median", "median λ_max per batch"))
+
+
+def diagnostics_table(records: list[dict]) -> str:
+    """Markdown: the per-run diagnostics, mean ± std over seeds (empty without diagnostics)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        if "diagnostics" in r:
+            by_method.setdefault(r["method"], []).append(r["diagnostics"]["summary"])
+    if not by_method:
+        return ""
+    columns = [(k, t) for k, t in DIAGNOSTIC_COLUMNS if any(k in s for runs in by_method.values() for s in runs)]
+    lines = ["| method | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, runs in by_method.items():
+        cells = []
+        for key, _ in columns:
+            values = [s[key] for s in runs if s.get(key) is not None]
+            mean, std = _mean_std(values) if values else (math.nan, math.nan)
+            cells.append(f"{mean:.4g} ± {std:.2g}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 _CSV_FIELDS = ["method", "registry_name", "test_acc_mean", "test_acc_std", "test_loss_mean", "test_loss_std",
                "train_loss_mean", "train_loss_std", "time_per_step_s_mean", "time_per_step_s_std", "time_ratio",
                "seeds", "hyperparameters"]
 
 
 def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall_time: float,
-                  device: Optional[torch.device] = None, log: Callable[[str], None] = print) -> str:
-    """Write ``results.{json,csv,md}`` and ``learning_curves.png`` (skipped, with a note, without
-    matplotlib) into ``out``; return the table."""
+                  device: Optional[torch.device] = None, log: Callable[[str], None] = print,
+                  interpolation: Optional[dict[str, Any]] = None) -> str:
+    """Write ``results.{json,csv,md}`` and ``learning_curves.png`` (and ``interpolation.png``;
+    figures are skipped, with a note, without matplotlib) into ``out``; return the table."""
     rows = summarize(records)
     ref = reference_method(records)
     table = format_table(rows, ref)
     with open(out / "results.json", "w") as f:
         json.dump({"config": config.to_dict(), "reference": ref, "wall_time_s": wall_time, "summary": rows,
                    "runs": [f"runs/{r['method']}_seed{r['seed']}.json" for r in records],
+                   "diagnostics": {r["method"] + f"_seed{r['seed']}": r["diagnostics"] for r in records
+                                   if "diagnostics" in r},
+                   "interpolation": {k: v.to_dict() for k, v in (interpolation or {}).items()},
                    "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "device": str(device)}}, f, indent=1)
     with open(out / "results.csv", "w", newline="") as f:
@@ -583,14 +673,24 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
             writer.writerow({k: json.dumps(r[k]) if k in ("seeds", "hyperparameters") else r[k] for k in _CSV_FIELDS})
     header = (f"# {config.name}: {config.task}, {config.model}, {config.epochs} epochs, "
               f"{len(config.seeds)} seed(s)\n\n")
+    flatness = diagnostics_table(records)
+    if flatness:
+        table += (f"\n\nFlatness at the end of training (first {config.diagnostics_samples} test examples, "
+                  f"mean ± std over seeds):\n\n{flatness}")
     (out / "results.md").write_text(header + table + "\n")
     try:
         from .plots import plot_learning_curves
 
         plot_learning_curves(records, out / "learning_curves.png",
                              title=f"{config.name}: {config.task} / {config.model}")
+        if interpolation:
+            from .diagnostics.plots import plot_interpolations
+
+            ref = reference_method(records)
+            plot_interpolations(interpolation, out / "interpolation.png",
+                                title=f"from {ref} (t = 0) to each method (t = 1), seed {config.seeds[0]}")
     except ImportError as exc:
-        log(f"learning_curves.png not written ({exc}; pip install matplotlib)")
+        log(f"figures not written ({exc}; pip install matplotlib)")
     return table
 
 
@@ -611,6 +711,7 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
     bar = _progress_bar(len(units) * total, progress)
     write = bar.write if bar is not None else log
     records = []
+    first_models: dict[str, dict[str, torch.Tensor]] = {}  # state dicts of the first seed, for interpolation
     started = time.perf_counter()
     try:
         for label, seed in units:
@@ -623,7 +724,13 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
                     if "test_acc" in info:
                         bar.set_postfix(loss=f"{info['train_loss']:.3f}", acc=f"{info['test_acc']:.3f}")
 
-            record = run_one(config, data, label, seed, device, on_step)
+            def on_model(model: nn.Module) -> None:
+                if config.save_models:
+                    torch.save(model.state_dict(), out / "runs" / f"{label}_seed{seed}.pt")
+                if "interpolation" in config.diagnostics and seed == config.seeds[0]:
+                    first_models[label] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+            record = run_one(config, data, label, seed, device, on_step, on_model)
             with open(out / "runs" / f"{label}_seed{seed}.json", "w") as f:
                 json.dump(record, f)
             final = record["final"]
@@ -634,9 +741,26 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - started
-    table = write_results(out, config, records, wall, device, log)
+    interpolation = interpolate_methods(config, data, first_models, reference_method(records), device)
+    table = write_results(out, config, records, wall, device, log, interpolation)
     log(f"\n{table}\n\n{len(units)} runs in {wall:.1f} s; results in {out}")
     return {"summary": summarize(records), "table": table, "records": records, "out_dir": str(out)}
+
+
+def interpolate_methods(config: ExperimentConfig, data: Dataset, models: dict[str, dict[str, torch.Tensor]],
+                        reference: Optional[str], device: torch.device) -> dict[str, Any]:
+    """Loss along ``(1 − t)·θ_ref + t·θ_method`` for every method against the reference one (the
+    first seed's models, which share their initialization), on the diagnostics data."""
+    if not models or reference not in models:
+        return {}
+    from .diagnostics import interpolate
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        anchor = build_model(config.model, data, **config.model_options).to(device)
+    anchor.load_state_dict(models[reference])
+    batches = diagnostic_batches(config, data)
+    return {label: interpolate(anchor, state, _cross_entropy, batches, buffers="interpolate")
+            for label, state in models.items() if label != reference}
 
 
 def _progress_bar(total: int, progress: Optional[bool]):

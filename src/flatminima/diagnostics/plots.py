@@ -166,3 +166,51 @@ def plot_training_log(log: Any, path: PathLike, title: Optional[str] = None) -> 
         ax.set_title("step statistics")
     fig.tight_layout()
     return _save(fig, path, title)
+
+
+def plot_density(result: Any, path: PathLike, title: Optional[str] = None) -> str:
+    """A :class:`~.hessian.SpectralDensity`: the SLQ density of the Hessian spectrum on a log axis
+    (the bulk near 0 and the outliers span decades), with the Ritz nodes as a rug."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
+    ax.semilogy(result.grid, np.maximum(result.density, 1e-12), color="tab:blue", lw=1.5)
+    nodes = result.nodes[result.weights > 0]
+    ax.plot(nodes, np.full_like(nodes, 1e-12 if not len(result.density) else max(result.density.min(), 1e-12)),
+            "|", color="tab:red", ms=10, alpha=0.6)
+    ax.set(xlabel="eigenvalue", ylabel="density", title=f"Hessian spectral density (SLQ, {result.numel:,} params)")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path, title)
+
+
+def plot_batch_eigenvalues(results: dict[str, Any], path: PathLike, title: Optional[str] = None) -> str:
+    """The dominant Hessian eigenvalue per evaluation batch as a distribution (DESIGN.md §10):
+    one histogram per entry of ``results`` (name → :class:`~.hessian.BatchEigenvalues`) with its
+    median, min and max."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    values = [np.asarray(r.values, dtype=float) for r in results.values()]
+    bins = np.histogram_bin_edges(np.concatenate(values), bins=min(30, max(5, sum(map(len, values)) // 2)))
+    for name, v in zip(results, values):
+        patch = ax.hist(v, bins=bins, alpha=0.45, label=f"{name}: median {np.median(v):.3g} [{v.min():.3g}, {v.max():.3g}]")
+        ax.axvline(np.median(v), color=patch[2][0].get_facecolor(), lw=1.5)
+    ax.set(xlabel="λ_max on one batch", ylabel="batches", title="dominant Hessian eigenvalue per batch")
+    ax.legend(fontsize="small")
+    return _save(fig, path, title)
+
+
+def plot_interpolations(results: dict[str, Any], path: PathLike, title: Optional[str] = None,
+                        log: bool = True) -> str:
+    """Several :class:`~.landscape.Interpolation` curves in one figure (name → result), e.g. from
+    an SGD minimum (t = 0) to each flat-minima method's minimum (t = 1)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for name, r in results.items():
+        ax.plot(r.ts, r.loss, lw=1.6, label=f"{name} (‖Δθ‖ = {r.distance:.3g})")
+    for t in (0.0, 1.0):
+        ax.axvline(t, color="grey", lw=0.8, ls=":")
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel="t  (θ(t) = (1 − t)·θ_a + t·θ_b)", ylabel="loss", title="linear interpolation between minima")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path, title)
