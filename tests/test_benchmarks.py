@@ -105,3 +105,22 @@ def test_quick_benchmark_reports_finite_times_and_unit_base_ratio(tmp_path):
     # the table printed for the model has a row per method
     table = results["tables"][0]
     assert "| naive-sam |" in table and "| base |" in table and "× floor" in table
+
+
+def test_flat_lora_benchmark_quick_prints_its_table():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    bench = _load("flat_lora_step")
+    result = bench.main(["--quick", "--rounds", "1", "--block", "1"])
+    rows = {r["candidate"]: r for r in result["rows"]}
+    assert list(rows) == ["lora", "flatlora", "flatlora[torch]", "ref:store", "ref:randn"]
+    assert rows["lora"]["ratio"] == 1.0 and all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows.values())
+    assert "| flatlora |" in result["table"]
+
+
+def test_hessian_benchmark_quick_prints_its_table(tmp_path):
+    bench = _load("hessian_top_eigenvalue")
+    out = tmp_path / "hessian.json"
+    bench.main(["--quick", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert "lanczos" in json.dumps(saved) and "pyhessian-power" in json.dumps(saved)

@@ -205,10 +205,16 @@ def test_slq_density_integrates_to_one_and_sits_on_the_spectrum():
 def test_max_vectors_offloads_the_basis_and_gives_the_same_eigenvalues():
     model = Quadratic(symmetric())
     full = top_eigenvalues(model, quad_loss, ONE, k=3, tol=1e-10)
-    small = top_eigenvalues(model, quad_loss, ONE, k=3, tol=1e-10, max_vectors=2)
+    small = top_eigenvalues(model, quad_loss, ONE, k=3, tol=1e-10, max_vectors=2, offload=True)
     assert full.iterations > 2 and full.device_vectors == full.iterations
     assert small.device_vectors == 2 and small.iterations == full.iterations
     np.testing.assert_allclose(small.values, full.values, rtol=1e-12)
+    # without offload (the CPU default) thick restarts: never more than max(max_vectors, k + 2) vectors
+    restarted = top_eigenvalues(model, quad_loss, ONE, k=3, tol=1e-8, max_vectors=5, bound="residual")
+    assert restarted.device_vectors == 5 and restarted.iterations > 5 and restarted.converged.all()
+    np.testing.assert_allclose(restarted.values, full.values, rtol=1e-6)
+    one = top_eigenvalues(model, quad_loss, ONE, k=1, tol=1e-9, max_vectors=3, bound="residual")
+    assert one.device_vectors == 3 and one.values[0] == pytest.approx(full.values[0], rel=1e-7)
     d1 = spectral_density(model, quad_loss, ONE, probes=2, steps=8)
     d2 = spectral_density(model, quad_loss, ONE, probes=2, steps=8, max_vectors=1)
     np.testing.assert_allclose(d2.nodes, d1.nodes, atol=1e-10)

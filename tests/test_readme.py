@@ -65,3 +65,31 @@ def test_own_loop_example_trains_on_digits_in_both_forms():
     explicit_acc = example["main"](["--epochs", "3", "--explicit"])
     assert closure_acc > 0.85
     assert closure_acc == explicit_acc  # the two forms share one implementation
+
+
+def test_readme_diagnostics_block_runs(tmp_path, monkeypatch):
+    model, x, y = toy()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": model, "fm": fm, "loader": [(x[:16], y[:16]), (x[16:], y[16:])],
+                 "loss_fn": lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])}
+    exec(python_blocks()[4], namespace)
+    assert len(namespace["top"].values) == 3 and namespace["summary"]["summary"]["lambda_max"] > 0
+    assert (tmp_path / "diagnostics" / "report.json").exists()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_readme_averaging_block_runs():
+    model, x, y = toy()
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+
+    def closure(xb, yb):
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss.detach()
+
+    namespace = {"model": model, "fm": fm, "opt": opt, "closure": closure, "loader": [(x[:16], y[:16]), (x[16:], y[16:])],
+                 "val_batch": (x[:8], y[:8])}
+    exec(python_blocks()[3], namespace)
+    assert namespace["swa"].n_averaged == 1 and isinstance(namespace["averaged"], nn.Module)
+    assert 0.0 <= opt.param_groups[0]["rho"] <= 0.5

@@ -81,3 +81,13 @@ def test_main_job_flatness_section_and_diagnose_cli(tmp_path, capsys):
                                                            rel=1e-3)  # both to the requested tol = 1e-3
     with pytest.raises(SystemExit):
         cli(["diagnose", "--preset", "quick", "--diagnostics", "hessian,nope", "--out", str(diag)])
+
+
+def test_batches_and_iterables_of_batches_are_told_apart():
+    from flatminima.diagnostics import batch_size, is_batch
+
+    x, y = torch.zeros(4, 2), torch.zeros(4)
+    inputs = {"input_ids": torch.zeros(4, 7, dtype=torch.long)}
+    assert is_batch(x) and is_batch((x, y)) and is_batch([x, y]) and is_batch(inputs) and is_batch((inputs, y))
+    assert not is_batch([(x, y), (x, y)]) and not is_batch([inputs, inputs]) and not is_batch(iter([]))
+    assert batch_size((inputs, y)) == 4 and batch_size(inputs) == 4 and batch_size((x, y)) == 4

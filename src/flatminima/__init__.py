@@ -13,10 +13,14 @@ from .engine import StepResult, TrainStep, train_step
 from . import diagnostics, lora
 from .lora import FlatLoRA, SAMLoRA
 from .scale import Scale
+from .averaging import EMA, SWA, SWAD, update_bn
+from .trajectory import MESA, SAF, IndexedDataset, trajectory_kl
+from .lets import LETS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA", "SWA", "SWAD", "update_bn", "MESA", "SAF", "IndexedDataset", "trajectory_kl", "LETS",
     "AESAM", "ASAM", "Base", "FlatLoRA", "SAMLoRA", "diagnostics", "lora", "LPFSGD", "MRWP", "RWP", "params_by_name", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
     "RandomSearchSAM", "SAM", "SSAM", "Scale", "StochasticSAM", "available", "create", "get", "hyperparameters",
     "register", "schedules", "StepResult", "TrainStep", "train_step",

@@ -58,9 +58,10 @@ products with power iteration, Hutchinson and SLQ):
   ``min(r_i, r_i²/γ̂_i) ≤ tol·|θ_i|`` with ``γ̂_i`` the distance to the nearest other Ritz value
   (an estimate of the gap: the accuracy the eigenvalue needs, not its vector);
   ``bound="residual"`` stops when ``r_i ≤ tol·|θ_i|`` (a guarantee, and an accurate eigenvector
-  too, at the price of more products). Memory: at most
-  ``max_vectors`` basis vectors stay on the device; older ones are moved to host memory and read
-  there during reorthogonalization (no restart, so convergence is that of plain Lanczos).
+  too, at the price of more products). Memory: ``max_vectors`` caps the basis vectors on the
+  device; with ``offload`` (default on a GPU) older ones move to host memory and are read there
+  during reorthogonalization (no restart: plain Lanczos convergence); without (default on the CPU,
+  where host memory is the device's) the basis is capped by thick restarts (Wu & Simon 2000).
 * **Power iteration** with deflation (each eigenvector found is projected out), stopped by the same
   residual test ``‖Cv − λv‖ ≤ tol·|λ|``; it finds eigenvalues of largest magnitude.
 * **Hutchinson** (1989): ``tr(C) ≈ (1/m) Σ_j z_jᵀ C z_j`` with Rademacher ``z_j``, standard error
@@ -617,43 +618,103 @@ def _unit(x: Tensor) -> Tensor:
     return x.div_(torch.linalg.vector_norm(x).clamp_min(TINY))
 
 
+def _thick_restart_lanczos(matvec: Callable[[Tensor], Tensor], q: Tensor, k: int, which: str, m: int, steps: int,
+                           done: Callable[[np.ndarray, np.ndarray, float], bool]):
+    """Thick-restart Lanczos (Wu & Simon 2000) with at most ``m`` basis vectors: full
+    reorthogonalization gives the whole column of ``H = QᵀCQ`` at every step (``CQ = QH + w·e_jᵀ``);
+    when the basis is full it is replaced by the ``k`` wanted Ritz vectors (``H = diag θ``) and the
+    normalized residual ``w/β``, whose couplings to them (``β·s_{j,i}``) the next products recover.
+    Returns ``θ, S, β, products, basis`` of the last Rayleigh–Ritz step (``S`` in that basis)."""
+    basis: list[Tensor] = [q]
+    H = np.zeros((0, 0))
+    used = 0
+    while True:
+        w = matvec(basis[-1])
+        used += 1
+        coefficients = np.zeros(len(basis))
+        for _ in range(2):  # classical Gram–Schmidt twice
+            c = torch.stack([torch.dot(v, w) for v in basis])
+            for v, ci in zip(basis, c):
+                w.sub_(v, alpha=float(ci))
+            coefficients += c.double().cpu().numpy()
+        j = len(basis)
+        grown = np.zeros((j, j))
+        grown[:j - 1, :j - 1] = H
+        grown[:, j - 1] = grown[j - 1, :] = coefficients
+        H = grown
+        beta = float(torch.linalg.vector_norm(w))
+        theta, S = np.linalg.eigh(H)
+        if done(theta, S, beta) or used >= steps or beta <= TINY:
+            return theta, S, beta, used, basis
+        if j == m:
+            idx = _wanted(theta, k, which)
+            ritz = []
+            for i in idx:
+                y = torch.zeros_like(w)
+                for v, s_li in zip(basis, S[:, i]):
+                    y.add_(v, alpha=float(s_li))
+                ritz.append(y)
+            basis = ritz
+            H = np.diag(theta[idx])
+        basis.append(w.div_(beta))
+
+
 def _lanczos_top(op: CurvatureOperator, k: int, which: str, tol: float, max_iter: Optional[int],
-                 max_vectors: Optional[int], eigenvectors: bool, bound: str = "eigenvalue") -> Eigenvalues:
+                 max_vectors: Optional[int], eigenvectors: bool, bound: str = "eigenvalue",
+                 offload: Optional[bool] = None) -> Eigenvalues:
     flat = _Flat(op.objective.params)
     check("k", k <= flat.n, k, f"an int <= {flat.n} (the number of chosen parameters)")
     steps = min(flat.n, max(64, 10 * k)) if max_iter is None else min(max_iter, flat.n)
     check("max_iter", steps >= k, max_iter, f"an int >= k = {k}")
     gen = _generator(flat.device, op.objective.seed)
-    basis = _Basis(max_vectors)
+    # With offload, basis vectors beyond max_vectors move to host memory (plain Lanczos). Where the
+    # parameters already live in host memory that saves nothing, so there (offload=None on the
+    # CPU) the basis is capped by thick restarts instead (_thick_restart_lanczos).
+    offload = flat.device.type != "cpu" if offload is None else offload
+    thick = max_vectors is not None and not offload and max(max_vectors, k + 2) < flat.n
+    if thick:
+        steps = max(64, 10 * k) if max_iter is None else max_iter  # restarts may take more than n products
 
     previous: list[np.ndarray] = []
     stopped = [False]  # stopped by the eigenvalue bound
 
-    def done(alphas, betas, beta):
-        if len(alphas) < k:
-            return False
-        theta, S = np.linalg.eigh(_tridiagonal(alphas, betas))
+    def settled_test(theta, S, beta, use_gap):
         idx = _wanted(theta, k, which)
         # The gap estimate needs a Ritz value beyond the wanted ones, and it is only trusted once
         # the wanted Ritz values have also stopped moving (by less than tol since the last step):
         # early on the next Ritz value can sit far below the true λ_{k+1}.
         settled = bool(previous) and np.all(np.abs(theta[idx] - previous[-1]) <= tol * np.abs(theta[idx]))
         previous.append(theta[idx])
-        use = bound if len(alphas) > k and settled else "residual"
+        use = bound if use_gap and settled else "residual"
         stopped[0] = bool(_bounds(theta, S, beta, idx, tol, use)[1].all())
         return stopped[0]
 
-    alphas, betas, beta = _lanczos(flat.operator(op), _unit(flat.gaussian(gen)), steps, basis, done,
-                                   restart=lambda: flat.gaussian(gen))
-    theta, S = np.linalg.eigh(_tridiagonal(alphas, betas))
+    def done(alphas, betas, beta):
+        if len(alphas) < k:
+            return False
+        theta, S = np.linalg.eigh(_tridiagonal(alphas, betas))
+        return settled_test(theta, S, beta, len(alphas) > k)
+
+    if thick:
+        theta, S, beta, used, basis = _thick_restart_lanczos(
+            flat.operator(op), _unit(flat.gaussian(gen)), k, which, max(max_vectors, k + 2), steps,
+            lambda theta, S, beta: len(theta) >= k and settled_test(theta, S, beta, len(theta) > k))
+        peak = max(max_vectors, k + 2)
+    else:
+        basis = _Basis(max_vectors)
+        alphas, betas, beta = _lanczos(flat.operator(op), _unit(flat.gaussian(gen)), steps, basis, done,
+                                       restart=lambda: flat.gaussian(gen))
+        used, peak = len(alphas), basis.peak
+        theta, S = np.linalg.eigh(_tridiagonal(alphas, betas))
     idx = _wanted(theta, k, which)
     residuals, converged = _bounds(theta, S, beta, idx, tol, "residual")
     converged = converged | stopped[0]
     vectors = None
     if eigenvectors:
-        vectors = [[t.clone() for t in flat.split(_unit(basis.combine(S[:, i])))] for i in idx]
-    return Eigenvalues(theta[idx].copy(), converged, residuals, op.products, len(alphas), "lanczos", op.method,
-                       flat.n, basis.peak, vectors)
+        combine = basis.combine if isinstance(basis, _Basis) else lambda s: sum(v * float(c) for v, c in zip(basis, s))
+        vectors = [[t.clone() for t in flat.split(_unit(combine(S[:, i])))] for i in idx]
+    return Eigenvalues(theta[idx].copy(), converged, residuals, op.products, used, "lanczos", op.method,
+                       flat.n, peak, vectors)
 
 
 def _power(op: CurvatureOperator, k: int, tol: float, max_iter: int, eigenvectors: bool) -> Eigenvalues:
@@ -812,7 +873,8 @@ def _check_max_vectors(max_vectors: Any) -> None:
 
 def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: int = 1, *, which: str = "LA",
                     tol: float = 1e-3, bound: str = "eigenvalue", max_iter: Optional[int] = None,
-                    max_vectors: Optional[int] = None, eigenvectors: bool = False, params: ParamSpec = None,
+                    max_vectors: Optional[int] = None, offload: Optional[bool] = None,
+                    eigenvectors: bool = False, params: ParamSpec = None,
                     blocks: BlockSpec = None, mode: str = "eval", seed: int = 0, curvature: str = "hessian",
                     method: str = "auto", outputs_fn: Optional[OutputsFn] = None,
                     criterion: Optional[Criterion] = None) -> Union[Eigenvalues, dict[str, Eigenvalues]]:
@@ -823,7 +885,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: i
     ``which="LA"``: largest algebraic (the sharpest directions); ``"LM"``: largest magnitude (the
     most negative too). ``max_iter``: Lanczos steps (products) at most (default
     ``min(n, max(64, 10k))``); ``max_vectors``: Krylov vectors kept on the device (None: all), older
-    ones live in host memory. ``params`` chooses the subspace (``"lora"``: the LoRA factors), ``blocks``
+    ones move to host memory with ``offload`` (default: on a GPU) or the run restarts (module
+    docstring). ``params`` chooses the subspace (``"lora"``: the LoRA factors), ``blocks``
     gives per-block results instead (``"layer"``: every module with parameters of its own; or a dict
     name → parameter choice; each block cut down to ``params``) as a dict name → result.
     """
@@ -831,11 +894,13 @@ def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: i
     check("which", which in WHICH, which, "'LA' (largest algebraic) or 'LM' (largest magnitude)")
     tol = _check_tol("tol", tol)
     check("bound", bound in BOUNDS, bound, "'eigenvalue' or 'residual'")
+    check("offload", offload is None or isinstance(offload, bool), offload, "None, True or False")
     if max_iter is not None:
         check_int("max_iter", max_iter, k)
     _check_max_vectors(max_vectors)
     return _run(model, loss_fn, data, params, blocks, mode, seed, curvature, method, outputs_fn, criterion,
-                lambda op: _lanczos_top(op, k, which, tol, max_iter, max_vectors, bool(eigenvectors), bound))
+                lambda op: _lanczos_top(op, k, which, tol, max_iter, max_vectors, bool(eigenvectors), bound,
+                                        offload))
 
 
 def power_iteration(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: int = 1, *, tol: float = 1e-3,

@@ -38,11 +38,16 @@ MODES = ("eval", "train", "as_is")
 
 
 def is_batch(data: Any) -> bool:
-    """True for one batch (a tensor, a dict, or a tuple/list of tensors and non-tensor extras whose
-    first element is a tensor); False for an iterable of batches."""
+    """True for one batch: a tensor, a dict, a tuple/list whose first element is a tensor, or a
+    tuple ``(inputs_dict, labels, ...)`` (a dict first, not only dicts); False for an iterable of
+    batches (a ``DataLoader``, a list of batches, a list of dicts)."""
     if torch.is_tensor(data) or isinstance(data, dict):
         return True
-    return isinstance(data, (tuple, list)) and len(data) > 0 and torch.is_tensor(data[0])
+    if not isinstance(data, (tuple, list)) or not data:
+        return False
+    if torch.is_tensor(data[0]):
+        return True
+    return isinstance(data, tuple) and isinstance(data[0], dict) and not all(isinstance(d, dict) for d in data)
 
 
 def batch_size(batch: Any) -> int:
@@ -53,6 +58,8 @@ def batch_size(batch: Any) -> int:
     for v in values:
         if torch.is_tensor(v):
             return v.shape[0] if v.dim() else 1
+        if isinstance(v, dict):
+            return batch_size(v)
     raise ValueError(f"Invalid batch: {type(batch).__name__} (expected a tensor, a dict or a tuple holding tensors)")
 
 
@@ -183,13 +190,18 @@ class Objective:
         too (interpolated BatchNorm statistics, say)."""
         check("values", len(values) == len(self.params), len(values), f"{len(self.params)} tensors (one per parameter)")
         substituted = {f"model.{n}": v for n, v in zip(self.names, values)}
-        if self.model.training:
-            torch.manual_seed(self.seed)
-            substituted.update({k: b.clone() for k, b in self._buffers.items()})
-        if buffers:
-            substituted.update({f"model.{n}": b.clone() if self.model.training else b for n, b in buffers.items()})
         wrapper = self._wrapper if fn is self.loss_fn else _LossModule(self.model, fn)
-        return functional_call(wrapper, substituted, (batch,))
+        if not self.model.training:
+            substituted.update({f"model.{n}": b for n, b in (buffers or {}).items()})
+            return functional_call(wrapper, substituted, (batch,))
+        substituted.update({k: b.clone() for k, b in self._buffers.items()})
+        substituted.update({f"model.{n}": b.clone() for n, b in (buffers or {}).items()})
+        # the same dropout masks at every evaluation, and the caller's RNG state untouched even
+        # outside session()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return functional_call(wrapper, substituted, (batch,))
 
     def value(self, values: Optional[Sequence[Tensor]] = None) -> float:
         """``L(values)`` over all of ``data`` (batch-size weighted mean), no gradient."""
