@@ -175,15 +175,16 @@ class TrainStep:
         return total
 
     # -- one step ----------------------------------------------------------------------------
-    def __call__(self, micro_batches: Sequence[Any]) -> StepResult:
+    def _check(self, micro_batches: Sequence[Any]) -> list[Any]:
         # A tensor or a dict would be iterated row by row / key by key: wrap one batch in a list.
         check("micro_batches", not isinstance(micro_batches, (Tensor, Mapping)), type(micro_batches).__name__,
               "a sequence of micro-batches, e.g. [batch]")
         micro_batches = list(micro_batches)
         check("micro_batches", len(micro_batches) >= 1, len(micro_batches), "at least one micro-batch")
-        opt, scaler = self.optimizer, (self.scaler if self._amp else None)
-        device = next(self.model.parameters()).device
-        found_inf = torch.zeros(1, device=device) if scaler is not None else None
+        return micro_batches
+
+    def _passes(self, micro_batches: list[Any], found_inf: Optional[Tensor]) -> Tensor:
+        opt = self.optimizer
         # The statistics from before the step: put back if a pass raises (the clean pass may have
         # moved them already), and the state ``bn="frozen"`` keeps.
         before = self._snapshot()
@@ -199,7 +200,7 @@ class TrainStep:
             return self._run_pass(request, micro_batches, found_inf)
 
         try:
-            loss = opt.run_plan(runner)
+            return opt.run_plan(runner)
         except BaseException:
             snapshot = before  # run_plan has put the weights back; the statistics follow them
             raise
@@ -208,6 +209,22 @@ class TrainStep:
                 with torch.no_grad():
                     for buf, saved in snapshot:
                         buf.copy_(saved)
+
+    def passes(self, micro_batches: Sequence[Any]) -> Tensor:
+        """Every pass of one step over ``micro_batches``, without the update: the descent gradient
+        is left in ``.grad``, the weights are at ``w`` and the running statistics follow ``bn``;
+        ``optimizer.step()`` (no closure) completes the step. For loops that clip and step the
+        optimizer themselves (the HF Trainer integration); returns the clean loss. AMP scaling is
+        not handled here (use ``__call__`` with a scaler)."""
+        check("scaler", not self._amp, "a GradScaler", "None: passes() leaves unscaling and the step to the caller")
+        return self._passes(self._check(micro_batches), None)
+
+    def __call__(self, micro_batches: Sequence[Any]) -> StepResult:
+        micro_batches = self._check(micro_batches)
+        opt, scaler = self.optimizer, (self.scaler if self._amp else None)
+        device = next(self.model.parameters()).device
+        found_inf = torch.zeros(1, device=device) if scaler is not None else None
+        loss = self._passes(micro_batches, found_inf)
 
         params = opt.all_params_with_grad()
         grad_norm = None

@@ -1,0 +1,169 @@
+"""Hugging Face ``Trainer`` integration: any method of the registry, with the Trainer's own
+gradient accumulation, clipping, LR schedule, logging and checkpoints.
+
+    from flatminima.integrations.hf import FlatMinimaTrainer
+    trainer = FlatMinimaTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=4),
+                                train_dataset=train, flat_method="sam", flat_hyperparameters={"rho": 0.05})
+    trainer.train()
+
+How it fits the Trainer without copying its internals (:class:`FlatMinimaMixin` overrides two
+methods and installs a callback):
+
+* ``create_optimizer`` wraps the optimizer the Trainer builds (its parameter groups, its
+  ``optim``) in the method: ``fm.create(flat_method, base, **flat_hyperparameters)``, with
+  ``total_steps`` = the Trainer's number of optimizer steps (``max_steps``, or its epoch rule), so the
+  strength schedules (Flat-LoRA's ramp, LPF-SGD's σ_t) follow the real number of optimizer steps;
+  methods that take the model (Flat-LoRA, SAM-LoRA) get ``model=trainer.model``.
+* ``training_step`` keeps the micro-batches of the accumulation window and, on the window's last
+  one (``accelerator.sync_gradients``), runs every pass of the step through the library's engine
+  (:meth:`flatminima.TrainStep.passes`: the clean pass over the window, the perturbed passes on the
+  last micro-batch or the whole window, BatchNorm policy, DDP ``no_sync``), leaving the descent
+  gradient in ``.grad``; the Trainer then clips it, steps the optimizer (which restores ``w`` and
+  runs the base update) and the scheduler, as usual. The window's mean clean loss is returned on
+  its last micro-batch (0 on the others), so the logged training loss is the usual one.
+* :class:`FlatMinimaCallback` (installed first, so every reporter sees it) adds the method's
+  step statistics to each log: ``flat/grad_norm`` ‖g‖, ``flat/eps_norm`` ‖ε‖,
+  ``flat/sharpness`` ``L(w+ε) − L(w)``, ``flat/cosine`` between the clean and perturbed gradients,
+  ``flat/strength``.
+
+Each micro-batch's loss is the model's mean loss (``compute_loss`` without ``num_items_in_batch``):
+with equal micro-batches this is the Trainer's normalization. Supported: fp32 and bf16
+(``bf16=True``), DDP; refused with a clear error before training: fp16 (the engine unscales every
+pass itself, which the Trainer's scaler does not allow) and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Optional, Union
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .. import methods as _methods
+from ..engine import TrainStep
+from ..optim import FlatOptimizer, check
+
+#: Methods whose constructor takes the model (merged-weight scopes).
+_NEEDS_MODEL = ("flatlora", "samlora")
+
+
+@dataclasses.dataclass
+class FlatMinimaArguments:
+    """The method as command-line / config fields (``HfArgumentParser`` reads this dataclass beside
+    ``TrainingArguments``); ``flat_hyperparameters`` may be a dict or its JSON text."""
+
+    flat_method: str = "sam"
+    flat_hyperparameters: Union[str, dict] = "{}"
+    flat_accumulation: str = "last"
+    flat_bn: str = "clean"
+
+    def kwargs(self) -> dict[str, Any]:
+        hyper = self.flat_hyperparameters
+        if isinstance(hyper, str):
+            try:
+                hyper = json.loads(hyper)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"Invalid flat_hyperparameters: {self.flat_hyperparameters!r} "
+                                 f"(expected a JSON object: {exc})") from None
+        return {"flat_method": self.flat_method, "flat_hyperparameters": hyper,
+                "flat_accumulation": self.flat_accumulation, "flat_bn": self.flat_bn}
+
+
+def _flat(optimizer: Any) -> Optional[FlatOptimizer]:
+    """The flatminima optimizer inside the Trainer's (possibly accelerate-wrapped) optimizer."""
+    while optimizer is not None and not isinstance(optimizer, FlatOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class FlatMinimaCallback(TrainerCallback):
+    """Adds the flatminima optimizer's last step statistics to the Trainer's logs (one host read
+    per log)."""
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        opt = _flat(optimizer)
+        if logs is None or opt is None:
+            return
+        stats = {f"flat/{key}": float(value) for key, value in opt.statistics.items() if key != "step"}
+        stats["flat/strength"] = opt.strengths()[0]
+        logs.update(stats)
+        # The Trainer appended a copy of these logs to its history before calling us: keep both alike.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+
+class FlatMinimaMixin:
+    """Mixin for ``transformers.Trainer`` subclasses: ``class MyTrainer(FlatMinimaMixin, Trainer)``
+    (module docstring). ``flat_method``: a registry name (``fm.available()``);
+    ``flat_hyperparameters``: its keyword arguments; ``flat_accumulation``: the engine's ``"last"``
+    or ``"full"``; ``flat_bn``: ``"clean"``, ``"all"`` or ``"frozen"``."""
+
+    def __init__(self, *args, flat_method: str = "sam", flat_hyperparameters: Optional[dict] = None,
+                 flat_accumulation: str = "last", flat_bn: str = "clean", **kwargs):
+        method = _methods.get(flat_method)  # ValueError naming the accepted methods
+        hyper = dict(flat_hyperparameters or {})
+        known = set(_methods.hyperparameters(flat_method)) | ({"model"} if method.method_name in _NEEDS_MODEL else set())
+        unknown = sorted(set(hyper) - known - {"model"})
+        check("flat_hyperparameters", not unknown, unknown, f"keys among {', '.join(sorted(known))}")
+        check("flat_accumulation", flat_accumulation in ("last", "full"), flat_accumulation, "'last' or 'full'")
+        check("flat_bn", flat_bn in ("clean", "all", "frozen"), flat_bn, "'clean', 'all' or 'frozen'")
+        super().__init__(*args, **kwargs)
+        check("gradient_accumulation_steps", self.args.gradient_accumulation_steps >= 1,
+              self.args.gradient_accumulation_steps, "an int >= 1")
+        check("fp16", not self.args.fp16, True, "False: use bf16=True (the engine unscales each pass itself)")
+        check("deepspeed", not self.args.deepspeed, self.args.deepspeed, "None: DeepSpeed is not supported yet")
+        self.flat_method, self.flat_hyperparameters = method.method_name, hyper
+        self.flat_accumulation, self.flat_bn = flat_accumulation, flat_bn
+        self._flat_window: list[Any] = []
+        self.callback_handler.callbacks.insert(0, FlatMinimaCallback())
+
+    def _flat_max_steps(self) -> Optional[int]:
+        """The number of optimizer steps the Trainer will take (its own rule: ``max_steps``, else
+        epochs × ⌈batches per epoch / accumulation⌉), for the method's schedules."""
+        if self.state.max_steps and self.state.max_steps > 0:
+            return self.state.max_steps
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:  # an iterable dataset without a length: schedules need max_steps
+            return None
+        accumulation = self.args.gradient_accumulation_steps
+        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+        return math.ceil(self.args.num_train_epochs * per_epoch)
+
+    def create_optimizer(self, *args, **kwargs):
+        base = super().create_optimizer(*args, **kwargs)
+        if isinstance(base, FlatOptimizer):
+            return base
+        hyper = dict(self.flat_hyperparameters)
+        total = self._flat_max_steps()
+        if total is not None:
+            hyper.setdefault("total_steps", total)
+        if self.flat_method in _NEEDS_MODEL:
+            hyper.setdefault("model", self.model)
+        self.optimizer = _methods.create(self.flat_method, base, **hyper)
+        self.optimizer.track_statistics()
+        return self.optimizer
+
+    def _flat_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            return self.compute_loss(model, inputs)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Optional[Union[torch.Tensor, int]] = None) -> torch.Tensor:
+        model.train()
+        self._flat_window.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:
+            return torch.zeros((), device=self.args.device)
+        window, self._flat_window = self._flat_window, []
+        step = TrainStep(model, _flat(self.optimizer), self._flat_loss, accumulation=self.flat_accumulation,
+                         bn=self.flat_bn)
+        return step.passes(window).detach()
+
+
+class FlatMinimaTrainer(FlatMinimaMixin, Trainer):
+    """``transformers.Trainer`` with a flatminima method (:class:`FlatMinimaMixin`)."""
