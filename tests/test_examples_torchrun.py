@@ -1,0 +1,37 @@
+"""`torchrun` with 2 gloo processes takes the same steps as one process on the whole batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torchrun_ddp.py"
+
+
+def _run(tmp_path: Path, ranks: int, *args: str) -> dict:
+    out = tmp_path / f"w{ranks}.pt"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    proc = subprocess.run([*launcher, str(EXAMPLE), "--steps", "8", "--out", str(out), *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("method", ["sam", "gasam"])
+def test_torchrun_two_ranks_with_a_shared_perturbation_equal_one_process(tmp_path, method):
+    one = _run(tmp_path, 1, "--method", method, "--sync-perturbation")
+    two = _run(tmp_path, 2, "--method", method, "--sync-perturbation")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_torchrun_per_rank_perturbation_is_m_sharpness(tmp_path):
+    """Without a shared ε each rank perturbs by its own gradient: a different (valid) step."""
+    one = _run(tmp_path, 1, "--method", "sam")
+    two = _run(tmp_path, 2, "--method", "sam")
+    assert any(not torch.allclose(two[k], one[k], rtol=1e-8, atol=1e-10) for k in one)
