@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks together)")
     parser.add_argument("--sync-perturbation", action="store_true", help="one ε for all ranks")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
     parser.add_argument("--out", help="save the final state dict here (rank 0)")
     args = parser.parse_args(argv)
 
@@ -46,7 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     data = load_task("digits")
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = MLP(data.x_train[0].numel(), data.num_classes, hidden=32).double().to(device)
-    if distributed:
+    if distributed and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    elif distributed:
         model = nn.parallel.DistributedDataParallel(model)
     opt = fm.create(args.method, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                     sync_perturbation=args.sync_perturbation)
@@ -55,9 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.steps):
         idx = torch.randint(0, len(data.y_train), (args.batch_size,), generator=gen)[rank::world]
         step([(data.x_train[idx].double().to(device), data.y_train[idx].to(device))])
-    if args.out and rank == 0:
-        module = model.module if distributed else model
-        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, args.out)
+    if args.out:
+        module = model.module if distributed and not args.fsdp else model
+        # FSDP2 holds DTensor shards: gather every full tensor (a collective: all ranks take part)
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in module.state_dict().items()}
+        if rank == 0:
+            torch.save(state, args.out)
     if distributed:
         dist.destroy_process_group()
 

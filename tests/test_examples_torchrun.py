@@ -35,3 +35,30 @@ def test_torchrun_per_rank_perturbation_is_m_sharpness(tmp_path):
     one = _run(tmp_path, 1, "--method", "sam")
     two = _run(tmp_path, 2, "--method", "sam")
     assert any(not torch.allclose(two[k], one[k], rtol=1e-8, atol=1e-10) for k in one)
+
+
+def _fsdp2_available() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_fsdp2_two_ranks_equal_one_process(tmp_path, method):
+    """FSDP2 reduce-scatters every gradient, so ε comes from the whole batch's gradient: the
+    steps of one process on the whole batch, with norms over the DTensor shards."""
+    one = _run(tmp_path, 1, "--method", method)
+    two = _run(tmp_path, 2, "--method", method, "--fsdp")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
+def test_fsdp2_refuses_methods_that_do_not_run_on_shards(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*launcher, str(EXAMPLE), "--steps", "1", "--method", "rwp", "--fsdp"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "RWP on FSDP2 (DTensor) parameters" in proc.stderr

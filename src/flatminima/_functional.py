@@ -193,9 +193,16 @@ def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p
     return a
 
 
+def _sharded(tensors: Sequence[Tensor]) -> bool:
+    """DTensors (FSDP2 parameters): some foreach ops have no sharding rule, so copy one by one."""
+    return bool(tensors) and type(tensors[0]).__name__ == "DTensor"
+
+
 def clone(tensors: Sequence[Tensor]) -> TensorList:
     """Bit-exact copies (the pre-perturbation weights that ``restore`` copies back)."""
     with torch.no_grad():  # a copy with autograd on would carry a grad_fn per tensor
+        if _sharded(tensors):
+            return [t.clone() for t in tensors]
         out = [torch.empty_like(t) for t in tensors]
         if out:
             torch._foreach_copy_(out, list(tensors))
@@ -206,4 +213,8 @@ def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
     """Copy the saved weights back: exact, unlike ``w + ε − ε``."""
     if params:
         with torch.no_grad():
-            torch._foreach_copy_(list(params), list(saved))
+            if _sharded(params):
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            else:
+                torch._foreach_copy_(list(params), list(saved))

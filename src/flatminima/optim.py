@@ -208,6 +208,12 @@ class Perturbation:
     needs_clean_grad = True
     #: The batch index ``(m, M)`` of the clean pass when the method uses several batches.
     clean_batch: Optional[tuple[int, int]] = None
+    #: Whether it runs on FSDP2 (DTensor) parameters (checked against single-process runs).
+    supports_sharded = False
+
+    def sharded_ok(self) -> bool:
+        """Whether this perturbation, as configured, runs on DTensor parameters."""
+        return self.supports_sharded
 
     @property
     def batch_count(self) -> Optional[int]:
@@ -226,6 +232,8 @@ class Perturbation:
 class NoPerturbation(Perturbation):
     """The base optimizer alone (the reference every method reduces to)."""
 
+    supports_sharded = True
+
     def run(self, opt, clean_loss):
         return []
         yield  # pragma: no cover
@@ -240,6 +248,12 @@ class Adversarial(Perturbation):
     ``T`` from the clean gradient, held for the whole step; ``mask`` (SSAM) zeroes the ascent
     gradient outside a sparse set.
     """
+
+    supports_sharded = True
+
+    def sharded_ok(self) -> bool:
+        # the scales built from group sizes mix plain tensors into DTensor arithmetic
+        return self.scale.kind not in ("gradient_strength", "w_over_sqrt_n")
 
     def __init__(self, norm: float = 2.0, scale=None, steps: int = 1, project: bool = False,
                  step_size: float = 1.0, per_tensor: bool = False, mask=None):
@@ -585,6 +599,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             matched = any(predicate(p) for g in base.param_groups for p in g["params"])
             check("scope", matched, scope if isinstance(scope, str) else type(scope).__name__,
                   "a scope that selects at least one parameter of the base optimizer")
+        perturbation_ = perturbation or NoPerturbation()
+        if any(type(p).__name__ == "DTensor" for g in base.param_groups for p in g["params"]):
+            check("base", perturbation_.sharded_ok(), f"{type(self).__name__} on FSDP2 (DTensor) parameters",
+                  "a method that runs on sharded parameters: SAM, ASAM, LayerSAM, MultiStepSAM, LookSAM, "
+                  "StochasticSAM, AESAM, SSAM (GA-SAM's scale, random search and the random-noise methods do not yet)")
         # Everything is validated: from here on we may touch the base optimizer.
         self.perturbation = perturbation or NoPerturbation()
         self.combination = combination or PerturbedGradient()
