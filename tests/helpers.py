@@ -104,3 +104,21 @@ def count_allreduces(model: nn.parallel.DistributedDataParallel) -> list[int]:
 
     model.register_comm_hook(None, hook)
     return count
+
+
+def snapshot(model: nn.Module):
+    """What a diagnostic must leave as it was: state dict, modes, requires_grad flags, global RNG."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+            [p.requires_grad for p in model.parameters()], torch.get_rng_state())
+
+
+def assert_untouched(model: nn.Module, before) -> None:
+    state, modes, flags, rng = before
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())

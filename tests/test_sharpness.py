@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import assert_untouched, snapshot
 from torch import nn
 
 from flatminima.diagnostics.robustness import accuracy, corruption_robustness, perturbation_curve
@@ -71,21 +72,6 @@ def trust_region_max(g: np.ndarray, H: np.ndarray, rho: float) -> float:
     return float(gt @ v + 0.5 * (v * lam) @ v)
 
 
-def snapshot(model: nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
-            [p.requires_grad for p in model.parameters()], torch.get_rng_state())
-
-
-def assert_untouched(model: nn.Module, before) -> None:
-    state, modes, flags, rng = before
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in model.parameters())
 
 
 # -- worst case ------------------------------------------------------------------------------
