@@ -46,12 +46,14 @@ def _fsdp2_available() -> bool:
 
 
 @pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
-@pytest.mark.parametrize("method", ["sam", "asam"])
+@pytest.mark.parametrize("method", ["sam", "mrwp", "randomsearchsam"])
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, method):
     """FSDP2 reduce-scatters every gradient, so ε comes from the whole batch's gradient: the
-    steps of one process on the whole batch, with norms over the DTensor shards."""
-    one = _run(tmp_path, 1, "--method", method)
-    two = _run(tmp_path, 2, "--method", method, "--fsdp")
+    steps of one process on the whole batch, with norms over the DTensor shards; random noise is
+    drawn whole and each rank keeps its chunk, random-search candidates are chosen from the
+    all-reduced loss."""
+    one = _run(tmp_path, 1, "--method", method, "--sync-perturbation")
+    two = _run(tmp_path, 2, "--method", method, "--fsdp", "--sync-perturbation")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-10, atol=1e-12, msg=key)
 
@@ -59,6 +61,6 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path, method):
 @pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
 def test_fsdp2_refuses_methods_that_do_not_run_on_shards(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*launcher, str(EXAMPLE), "--steps", "1", "--method", "rwp", "--fsdp"], capture_output=True,
+    proc = subprocess.run([*launcher, str(EXAMPLE), "--steps", "1", "--method", "gasam", "--fsdp"], capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode != 0 and "RWP on FSDP2 (DTensor) parameters" in proc.stderr
+    assert proc.returncode != 0 and "GASAM on FSDP2 (DTensor) parameters" in proc.stderr

@@ -68,6 +68,17 @@ def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
+def _data_parallel_group(model: nn.Module) -> Optional[Any]:
+    """The process group a model's ranks share data over: DDP's, or an FSDP2 model's mesh (its
+    parameters are DTensors); None for a model on one process."""
+    if _is_ddp(model):
+        return model.process_group
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor":
+            return p.device_mesh.get_group()
+    return None
+
+
 def record_unscaled(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     """Tell ``scaler`` that ``optimizer``'s gradients are already unscaled, with ``found_inf``.
 
@@ -166,10 +177,10 @@ class TrainStep:
             total = loss if total is None else total + loss
         if request.backward and self._amp:
             self._unscale(found_inf)
-        if not request.backward and request.sync and ddp:
+        group = _data_parallel_group(self.model) if not request.backward and request.sync else None
+        if group is not None:
             # A forward-only pass that must sync (a loss the plan decides from, e.g. a random-search
             # candidate shared by all ranks): every rank gets the mean over ranks.
-            group = self.model.process_group
             torch.distributed.all_reduce(total, group=group)
             total = total / torch.distributed.get_world_size(group)
         return total

@@ -331,6 +331,7 @@ class RandomSearch(Perturbation):
     """
 
     needs_clean_grad = False
+    supports_sharded = True  # candidates drawn whole, each rank keeps its chunk (_shard_like)
 
     def __init__(self, candidates: int = 4, per_tensor: bool = False):
         self.candidates, self.per_tensor = candidates, per_tensor
@@ -344,19 +345,23 @@ class RandomSearch(Perturbation):
                 gen[dev] = torch.Generator(device=dev)
                 gen[dev].manual_seed(opt.rng_seed(stream=1000 + j, device_index=len(gen)))
             z.append(torch.randn(p.shape, generator=gen[dev], device=dev, dtype=p.dtype))
+            if type(p).__name__ == "DTensor":
+                z[-1] = _shard_like(z[-1], p)
         d = F.dual_direction(z, 2.0, self.per_tensor)
         return F.scale_by_group(d, opt.strengths(), gidx)
 
     def run(self, opt, clean_loss):
         params, gidx = opt.scoped_params(with_grad=False)
+        sharded = any(type(p).__name__ == "DTensor" for p in params)
         saved = F.clone(params)
         losses = []
         try:
             for j in range(self.candidates):
                 with torch.no_grad():
                     torch._foreach_add_(params, self._delta(opt, params, gidx, j))
-                # With a shared ε the ranks draw the same candidates and compare global losses.
-                loss = yield Pass("probe", backward=False, sync=opt.sync_perturbation)
+                # With a shared ε the ranks draw the same candidates and compare global losses; with
+                # sharded parameters (FSDP2) the choice must be one for all shards, so always.
+                loss = yield Pass("probe", backward=False, sync=opt.sync_perturbation or sharded)
                 losses.append(torch.as_tensor(loss).detach().reshape(()))
                 F.restore_(params, saved)
             # In the explicit form the clean loss may be unknown: the clean point is then no candidate.
@@ -375,6 +380,21 @@ class RandomSearch(Perturbation):
         return []
 
 
+def _shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (a whole tensor, the same on every rank) as a DTensor placed like ``like``: each rank
+    keeps its own chunk, so sharded noise is exactly the unsharded noise (FSDP2: ``Shard(0)``)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    check("params", len(like.placements) == 1, like.placements, "DTensors on a 1-D device mesh (FSDP2)")
+    mesh, (placement,) = like.device_mesh, like.placements
+    local = full
+    if isinstance(placement, Shard):
+        chunks = torch.chunk(full, mesh.size(), dim=placement.dim)
+        rank = mesh.get_local_rank()
+        local = chunks[rank] if rank < len(chunks) else full.narrow(placement.dim, 0, 0)
+    return DTensor.from_local(local.contiguous(), mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
 class RandomNoise(Perturbation):
     """Random weight perturbation ``ε = σ·Z ⊙ S`` (DESIGN.md §3; seeds 000 and 004).
 
@@ -390,6 +410,10 @@ class RandomNoise(Perturbation):
 
     needs_clean_pass = False
     needs_clean_grad = False
+    supports_sharded = True  # the noise is drawn whole and each rank keeps its chunk (_shard_like)
+
+    def sharded_ok(self) -> bool:
+        return self.scale.kind not in ("gradient_strength", "w_over_sqrt_n")
 
     def __init__(self, scale, fisher_eta: float = 0.0, fisher_decay: float = 0.99, samples: int = 1,
                  per_batch: bool = False, noisy_batch: Optional[tuple[int, int]] = None,
@@ -411,6 +435,8 @@ class RandomNoise(Perturbation):
         for i, (p, s) in enumerate(zip(params, scale)):
             gen = torch.Generator(device=p.device).manual_seed(opt.rng_seed(stream=i, device_index=sample))
             z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            if type(p).__name__ == "DTensor":
+                z = _shard_like(z, p)
             if s is not None:
                 z.mul_(s)
             fisher = opt.state[p].get("fisher") if self.fisher_eta else None
@@ -602,8 +628,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         perturbation_ = perturbation or NoPerturbation()
         if any(type(p).__name__ == "DTensor" for g in base.param_groups for p in g["params"]):
             check("base", perturbation_.sharded_ok(), f"{type(self).__name__} on FSDP2 (DTensor) parameters",
-                  "a method that runs on sharded parameters: SAM, ASAM, LayerSAM, MultiStepSAM, LookSAM, "
-                  "StochasticSAM, AESAM, SSAM (GA-SAM's scale, random search and the random-noise methods do not yet)")
+                  "a method that runs on sharded parameters: every method but GA-SAM with its gradient-strength "
+                  "or √n scales, Flat-LoRA and parallel m-RWP")
         # Everything is validated: from here on we may touch the base optimizer.
         self.perturbation = perturbation or NoPerturbation()
         self.combination = combination or PerturbedGradient()
