@@ -13,6 +13,7 @@ all-reduced gradient, and ``W`` processes take the same steps as one process on 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks together)")
     parser.add_argument("--sync-perturbation", action="store_true", help="one ε for all ranks")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+    parser.add_argument("--hyper", type=json.loads, default={}, help='hyperparameters as JSON, e.g. \'{"rho": 0.1}\'')
     parser.add_argument("--out", help="save the final state dict here (rank 0)")
     args = parser.parse_args(argv)
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     elif distributed:
         model = nn.parallel.DistributedDataParallel(model)
     opt = fm.create(args.method, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                    sync_perturbation=args.sync_perturbation)
+                    sync_perturbation=args.sync_perturbation, **args.hyper)
     step = fm.TrainStep(model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
     gen = torch.Generator().manual_seed(0)
     for _ in range(args.steps):

@@ -22,7 +22,7 @@ def _run(tmp_path: Path, ranks: int, *args: str) -> dict:
     return torch.load(out)
 
 
-@pytest.mark.parametrize("method", ["sam", "gasam"])
+@pytest.mark.parametrize("method", ["sam"])
 def test_torchrun_two_ranks_with_a_shared_perturbation_equal_one_process(tmp_path, method):
     one = _run(tmp_path, 1, "--method", method, "--sync-perturbation")
     two = _run(tmp_path, 2, "--method", method, "--sync-perturbation")
@@ -46,7 +46,7 @@ def _fsdp2_available() -> bool:
 
 
 @pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
-@pytest.mark.parametrize("method", ["sam", "mrwp", "randomsearchsam"])
+@pytest.mark.parametrize("method", ["sam", "gasam", "mrwp", "randomsearchsam"])
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, method):
     """FSDP2 reduce-scatters every gradient, so ε comes from the whole batch's gradient: the
     steps of one process on the whole batch, with norms over the DTensor shards; random noise is
@@ -61,6 +61,6 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path, method):
 @pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
 def test_fsdp2_refuses_methods_that_do_not_run_on_shards(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*launcher, str(EXAMPLE), "--steps", "1", "--method", "gasam", "--fsdp"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode != 0 and "GASAM on FSDP2 (DTensor) parameters" in proc.stderr
+    proc = subprocess.run([*launcher, str(EXAMPLE), "--steps", "1", "--method", "mrwp", "--hyper", '{"parallel": true}',
+                           "--fsdp"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "MRWP on FSDP2 (DTensor) parameters" in proc.stderr

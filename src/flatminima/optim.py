@@ -251,10 +251,6 @@ class Adversarial(Perturbation):
 
     supports_sharded = True
 
-    def sharded_ok(self) -> bool:
-        # the scales built from group sizes mix plain tensors into DTensor arithmetic
-        return self.scale.kind not in ("gradient_strength", "w_over_sqrt_n")
-
     def __init__(self, norm: float = 2.0, scale=None, steps: int = 1, project: bool = False,
                  step_size: float = 1.0, per_tensor: bool = False, mask=None):
         from .scale import Scale
@@ -411,9 +407,6 @@ class RandomNoise(Perturbation):
     needs_clean_pass = False
     needs_clean_grad = False
     supports_sharded = True  # the noise is drawn whole and each rank keeps its chunk (_shard_like)
-
-    def sharded_ok(self) -> bool:
-        return self.scale.kind not in ("gradient_strength", "w_over_sqrt_n")
 
     def __init__(self, scale, fisher_eta: float = 0.0, fisher_decay: float = 0.99, samples: int = 1,
                  per_batch: bool = False, noisy_batch: Optional[tuple[int, int]] = None,
@@ -628,8 +621,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         perturbation_ = perturbation or NoPerturbation()
         if any(type(p).__name__ == "DTensor" for g in base.param_groups for p in g["params"]):
             check("base", perturbation_.sharded_ok(), f"{type(self).__name__} on FSDP2 (DTensor) parameters",
-                  "a method that runs on sharded parameters: every method but GA-SAM with its gradient-strength "
-                  "or √n scales, Flat-LoRA and parallel m-RWP")
+                  "a method that runs on sharded parameters: every method but Flat-LoRA and parallel m-RWP")
         # Everything is validated: from here on we may touch the base optimizer.
         self.perturbation = perturbation or NoPerturbation()
         self.combination = combination or PerturbedGradient()

@@ -120,9 +120,14 @@ class Scale:
 
         w = stacked(params) if self.kind in ("w", "w_over_g", "w_over_sqrt_n") else None
         g = stacked(grads) if self.kind in ("w_over_g", "inv_g", "gradient_strength") else None
-        sizes = torch.tensor(group_sizes(params, self.granularity), dtype=torch.float64, device=device)
+        norms = w if w is not None else g
+        sizes = torch.tensor(group_sizes(params, self.granularity), dtype=norms.dtype, device=device)
+        if type(norms).__name__ == "DTensor":  # FSDP2: the norms are replicated DTensors; so must the sizes be
+            from torch.distributed.tensor import DTensor, Replicate
+
+            sizes = DTensor.from_local(sizes.to(norms.to_local().device), norms.device_mesh, [Replicate()])
         n = float(sum(p.numel() for p in params))
-        out = self._formula(w, g, sizes.to(w.dtype if w is not None else g.dtype), n) + self.eta
+        out = self._formula(w, g, sizes, n) + self.eta
         return [t if t.device == p.device else t.to(p.device) for t, p in zip(out.unbind(), params)]
 
     def _formula(self, w, g, n_i, n: float):
