@@ -122,3 +122,13 @@ def assert_untouched(model: nn.Module, before) -> None:
     assert [p.requires_grad for p in model.parameters()] == flags
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
+
+
+def check_untouched(diagnostic: Callable, model: nn.Module, data, mode: str) -> None:
+    """``diagnostic(model, data, mode=..., params="all")`` leaves the model as it was and, in train
+    mode too (dropout with a fixed seed, batch statistics), is one deterministic function."""
+    before = snapshot(model)
+    result = diagnostic(model, data, mode=mode, params="all")
+    assert_untouched(model, before)
+    assert isinstance(result.to_dict(), dict)
+    assert diagnostic(model, data, mode=mode, params="all").to_dict() == result.to_dict()

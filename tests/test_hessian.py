@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from helpers import assert_untouched, check_untouched, snapshot
 from torch import nn
 
 from flatminima.diagnostics import Objective, batch_size
@@ -451,12 +451,7 @@ def test_model_untouched(name, mode):
     model.train()
     model.fc.eval()  # mixed flags must come back as they were
     model.conv.bias.requires_grad_(False)
-    before = snapshot(model)
-    result = DIAGNOSTICS[name](model, data, mode=mode, params="all")
-    assert_untouched(model, before)
-    assert isinstance(result.to_dict(), dict)
-    # Train mode (dropout with a fixed seed, batch statistics) is one deterministic function.
-    assert DIAGNOSTICS[name](model, data, mode=mode, params="all").to_dict() == result.to_dict()
+    check_untouched(DIAGNOSTICS[name], model, data, mode)
 
 
 BAD = [

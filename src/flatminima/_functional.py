@@ -193,9 +193,14 @@ def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p
     return a
 
 
+def is_sharded(t: Tensor) -> bool:
+    """A DTensor (an FSDP2 parameter or its gradient), tested without importing torch.distributed."""
+    return type(t).__name__ == "DTensor"
+
+
 def _sharded(tensors: Sequence[Tensor]) -> bool:
     """DTensors (FSDP2 parameters): some foreach ops have no sharding rule, so copy one by one."""
-    return bool(tensors) and type(tensors[0]).__name__ == "DTensor"
+    return bool(tensors) and is_sharded(tensors[0])
 
 
 def clone(tensors: Sequence[Tensor]) -> TensorList:

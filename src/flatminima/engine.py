@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._functional import is_sharded
 from .methods import Base
 from .optim import FlatOptimizer, Pass, check
 
@@ -74,7 +75,7 @@ def _data_parallel_group(model: nn.Module) -> Optional[Any]:
     if _is_ddp(model):
         return model.process_group
     for p in model.parameters():
-        if type(p).__name__ == "DTensor":
+        if is_sharded(p):
             return p.device_mesh.get_group()
     return None
 

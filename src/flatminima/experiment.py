@@ -296,7 +296,7 @@ class ExperimentConfig:
         try:
             name = _methods.get(settings.get("method", label)).method_name  # canonical: "sgd" -> "base"
             _check_base(base)
-            if needs_model(name):  # the runner passes its model; validate on a one-layer LoRA model
+            if _methods.needs_model(name):  # the runner passes its model; validate on a one-layer LoRA model
                 dummy_model = _dummy_lora_model()
                 dummy = torch.optim.SGD([p for p in dummy_model.parameters() if p.requires_grad], lr=0.1)
                 _methods.create(name, dummy, model=dummy_model, **{"total_steps": 1, **hyper})
@@ -306,11 +306,6 @@ class ExperimentConfig:
         except (ValueError, TypeError) as exc:
             raise ValueError(prefix + str(exc)) from None
         return name, base, hyper
-
-
-def needs_model(name: str) -> bool:
-    """Whether method ``name`` takes the model (Flat-LoRA: the PEFT model whose LoRA layers it perturbs)."""
-    return "model" in _methods.hyperparameters(name)
 
 
 def batch_groups(name: str, hyper: dict[str, Any]) -> int:
@@ -514,7 +509,7 @@ def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, devic
     per_epoch = steps_per_epoch(config, data)
     total = per_epoch * config.epochs
     base = _base_optimizer([p for p in model.parameters() if p.requires_grad], base_settings)
-    extra = {"model": model} if needs_model(name) else {}
+    extra = {"model": model} if _methods.needs_model(name) else {}
     opt = _methods.create(name, base, **{"seed": seed, "total_steps": total, **extra, **hyper})
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None
     train_step = TrainStep(model, opt, _cross_entropy, accumulation=config.accumulation)

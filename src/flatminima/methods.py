@@ -52,6 +52,12 @@ def hyperparameters(name: str) -> list[str]:
     return names + [c for c in COMMON if c not in names]
 
 
+def needs_model(name: str) -> bool:
+    """Whether method ``name`` takes the model (Flat-LoRA, SAM-LoRA: the PEFT model whose LoRA layers
+    it perturbs)."""
+    return "model" in hyperparameters(name)
+
+
 def create(name: str, base: torch.optim.Optimizer, **hyperparams: Any) -> FlatOptimizer:
     """``create("sam", torch.optim.SGD(...), rho=0.1)``: build a method by name."""
     cls = get(name)

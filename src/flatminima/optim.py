@@ -341,14 +341,14 @@ class RandomSearch(Perturbation):
                 gen[dev] = torch.Generator(device=dev)
                 gen[dev].manual_seed(opt.rng_seed(stream=1000 + j, device_index=len(gen)))
             z.append(torch.randn(p.shape, generator=gen[dev], device=dev, dtype=p.dtype))
-            if type(p).__name__ == "DTensor":
+            if F.is_sharded(p):
                 z[-1] = _shard_like(z[-1], p)
         d = F.dual_direction(z, 2.0, self.per_tensor)
         return F.scale_by_group(d, opt.strengths(), gidx)
 
     def run(self, opt, clean_loss):
         params, gidx = opt.scoped_params(with_grad=False)
-        sharded = any(type(p).__name__ == "DTensor" for p in params)
+        sharded = any(F.is_sharded(p) for p in params)
         saved = F.clone(params)
         losses = []
         try:
@@ -428,7 +428,7 @@ class RandomNoise(Perturbation):
         for i, (p, s) in enumerate(zip(params, scale)):
             gen = torch.Generator(device=p.device).manual_seed(opt.rng_seed(stream=i, device_index=sample))
             z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            if type(p).__name__ == "DTensor":
+            if F.is_sharded(p):
                 z = _shard_like(z, p)
             if s is not None:
                 z.mul_(s)
@@ -619,7 +619,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             check("scope", matched, scope if isinstance(scope, str) else type(scope).__name__,
                   "a scope that selects at least one parameter of the base optimizer")
         perturbation_ = perturbation or NoPerturbation()
-        if any(type(p).__name__ == "DTensor" for g in base.param_groups for p in g["params"]):
+        if any(F.is_sharded(p) for g in base.param_groups for p in g["params"]):
             check("base", perturbation_.sharded_ok(), f"{type(self).__name__} on FSDP2 (DTensor) parameters",
                   "a method that runs on sharded parameters: every method but Flat-LoRA and parallel m-RWP")
         # Everything is validated: from here on we may touch the base optimizer.

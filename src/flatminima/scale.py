@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._functional import TINY, ScaleList, combine_norms, reduction_dtype, tensor_norms
+from ._functional import TINY, ScaleList, combine_norms, is_sharded, reduction_dtype, tensor_norms
 
 KINDS = ("one", "w", "w_over_g", "gradient_strength", "inv_g", "w_over_sqrt_n")
 GRANULARITIES = ("model", "layer", "filter", "element")
@@ -122,7 +122,7 @@ class Scale:
         g = stacked(grads) if self.kind in ("w_over_g", "inv_g", "gradient_strength") else None
         norms = w if w is not None else g
         sizes = torch.tensor(group_sizes(params, self.granularity), dtype=norms.dtype, device=device)
-        if type(norms).__name__ == "DTensor":  # FSDP2: the norms are replicated DTensors; so must the sizes be
+        if is_sharded(norms):  # FSDP2: the norms are replicated DTensors; so must the sizes be
             from torch.distributed.tensor import DTensor, Replicate
 
             sizes = DTensor.from_local(sizes.to(norms.to_local().device), norms.device_mesh, [Replicate()])

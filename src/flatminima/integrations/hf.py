@@ -46,10 +46,6 @@ from .. import methods as _methods
 from ..engine import TrainStep
 from ..optim import FlatOptimizer, check
 
-#: Methods whose constructor takes the model (merged-weight scopes).
-_NEEDS_MODEL = ("flatlora", "samlora")
-
-
 @dataclasses.dataclass
 class FlatMinimaArguments:
     """The method as command-line / config fields (``HfArgumentParser`` reads this dataclass beside
@@ -105,7 +101,7 @@ class FlatMinimaMixin:
                  flat_accumulation: str = "last", flat_bn: str = "clean", **kwargs):
         method = _methods.get(flat_method)  # ValueError naming the accepted methods
         hyper = dict(flat_hyperparameters or {})
-        known = set(_methods.hyperparameters(flat_method)) | ({"model"} if method.method_name in _NEEDS_MODEL else set())
+        known = set(_methods.hyperparameters(flat_method))
         unknown = sorted(set(hyper) - known - {"model"})
         check("flat_hyperparameters", not unknown, unknown, f"keys among {', '.join(sorted(known))}")
         check("flat_accumulation", flat_accumulation in ("last", "full"), flat_accumulation, "'last' or 'full'")
@@ -143,7 +139,7 @@ class FlatMinimaMixin:
         total = self._flat_max_steps()
         if total is not None:
             hyper.setdefault("total_steps", total)
-        if self.flat_method in _NEEDS_MODEL:
+        if _methods.needs_model(self.flat_method):
             hyper.setdefault("model", self.model)
         self.optimizer = _methods.create(self.flat_method, base, **hyper)
         self.optimizer.track_statistics()

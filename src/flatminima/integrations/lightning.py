@@ -106,7 +106,7 @@ class FlatMinimaModule(pl.LightningModule):
             check("Trainer strategy", strategy in ("SingleDeviceStrategy", "DDPStrategy"), strategy,
                   "a single device, 'ddp' or 'ddp_spawn'")
         hyper = dict(self.flat_hyperparameters)
-        if "model" in _methods.hyperparameters(self.flat_method):
+        if _methods.needs_model(self.flat_method):
             hyper.setdefault("model", self)
         total = self._total_steps()
         if total is not None:
