@@ -24,6 +24,14 @@ fi
 
 if [ "$target" = dev ]; then
   "${pip[@]}" -e ".[dev]"
+  # The HTML report's browser test drives Debian's headless Chromium (~120 MB of .debs, about 10-25 s
+  # with recommends left out); without it (or without root) that one test is skipped.
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+           && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } \
+      || echo "note: could not install chromium chromium-driver; the HTML report's browser test will be skipped" >&2
+  fi
 else
   "${pip[@]}" -e ".[experiments]"
   # Fashion-MNIST ships as a Debian package; without root the loader fetches it into its cache.

@@ -132,3 +132,56 @@ def check_untouched(diagnostic: Callable, model: nn.Module, data, mode: str) -> 
     assert_untouched(model, before)
     assert isinstance(result.to_dict(), dict)
     assert diagnostic(model, data, mode=mode, params="all").to_dict() == result.to_dict()
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver && .venv/bin/pip install 'selenium>=4.10'"
+
+
+def chromium_driver():
+    """Headless Debian Chromium through selenium with an explicit driver path (selenium-manager
+    never runs: it would try to download a driver); skips the test when either is missing."""
+    import pytest
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip(f"selenium is not installed ({BROWSER_INSTALL})")
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not binary.exists():
+            pytest.skip(f"{binary} is missing ({BROWSER_INSTALL})")
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900", "--disable-extensions", "--no-first-run"):
+        options.add_argument(arg)
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def browser_page_problems(driver, url: str) -> dict:
+    """Open ``url`` and report what a reader would see broken: images that did not decode, contents
+    links without a target, SEVERE console entries; plus the tables' header rows and the title."""
+    import time as _time
+
+    driver.get(url)
+    js = driver.execute_script
+    images = []
+    for _ in range(50):
+        images = js("return [...document.images].map(i => [i.complete, i.naturalWidth, i.getAttribute('alt')])")
+        if all(c and w > 0 for c, w, _ in images):
+            break
+        _time.sleep(0.1)
+    return {
+        "title": driver.title,
+        "broken_images": [alt for c, w, alt in images if not (c and w > 0)],
+        "images": len(images),
+        "tables": js("return [...document.querySelectorAll('table')].map(t => "
+                     "[...t.querySelectorAll('thead th')].map(th => th.textContent))"),
+        "dead_links": js("return [...document.querySelectorAll('nav.toc a')].map(a => a.getAttribute('href'))"
+                         ".filter(h => !document.getElementById(h.slice(1)))"),
+        "errors": [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"],
+        "text": js("return document.body.innerText"),
+    }

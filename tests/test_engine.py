@@ -203,6 +203,45 @@ def test_accumulating_copies_of_one_batch_is_the_single_batch_step(method, n, ac
     torch.testing.assert_close(s2["flat"]["state"], s1["flat"]["state"], **TIGHT)  # LookSAM's g_v
 
 
+def penalty(model):
+    """A smooth regularizer of the weights: R(w) = 0.3·‖fc1.weight‖² + 0.1·Σ fc2.bias."""
+    return 0.3 * model.fc1.weight.square().sum() + 0.1 * model.fc2.bias.sum()
+
+
+def f_penalty_grad(params: dict) -> dict:
+    return {k: (0.6 * v if k == "fc1.weight" else torch.full_like(v, 0.1) if k == "fc2.bias" else torch.zeros_like(v))
+            for k, v in params.items()}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("method", ["base", "sam"])
+def test_regularizer_is_added_once_per_pass_whatever_the_accumulation(method, n):
+    """The objective is mean_i L_i(w) + R(w): R's gradient enters every pass once (at w for the
+    clean pass, at w + ε for SAM's), never multiplied or divided by the micro-batch count."""
+    model, opt = build(method, momentum=0.0)
+    rec = Recorder(opt.base)
+    mbs = [batch(20 + i) for i in range(n)]
+    w = named(model)
+    clean = add(mean_dicts([f_grad(model, w, b) for b in mbs]), f_penalty_grad(w))
+    clean_loss = sum(f_loss(model, w, b) for b in mbs) / n + penalty(model).detach()
+    if method == "base":
+        descent = clean
+    else:
+        at = add(w, sam_eps(clean, RHO))
+        descent = add(f_grad(model, at, mbs[-1]), f_penalty_grad(at))
+
+    result = TrainStep(model, opt, mse, accumulation="last", regularizer=penalty)(mbs)
+
+    torch.testing.assert_close(result.loss, clean_loss, **TIGHT)
+    torch.testing.assert_close(rec.grads[0], list(descent.values()), **TIGHT)
+
+
+def test_regularizer_must_be_callable():
+    model, opt = build("sam")
+    with pytest.raises(ValueError, match="Invalid regularizer"):
+        TrainStep(model, opt, mse, regularizer=0.1)
+
+
 @pytest.mark.parametrize("accumulation", ["last", "full"])
 @pytest.mark.parametrize("method", ["sam", "gasam_k1"])
 def test_accumulation_against_hand_computation(method, accumulation):

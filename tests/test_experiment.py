@@ -128,10 +128,12 @@ def test_unknown_task_is_rejected():
 # config
 
 
-@pytest.mark.parametrize("name", ["quick", "default", "text", "full"])
-def test_config_files_match_presets(name):
-    loaded = ExperimentConfig.load(CONFIGS / f"{name}.json")
-    assert loaded == preset(name)
+def test_config_files_match_presets():
+    from flatminima.experiment import PRESETS
+
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(PRESETS)
+    for name in PRESETS:
+        assert ExperimentConfig.load(CONFIGS / f"{name}.yaml") == preset(name), name
 
 
 @pytest.mark.parametrize("change, message", [

@@ -228,6 +228,23 @@ def test_mrwp_on_two_batches():
         torch.testing.assert_close(model.w.detach(), expected, **TOL)
 
 
+def test_sam_on_two_batches():
+    """seed 004, Table A1's SAM variant: ε = ρ·g_{B1}/‖g_{B1}‖, descend along ∇L_{B2}(w + ε)."""
+    b1, b2 = batches(2)
+    rho = 0.1
+    for form in ("closure", "engine"):
+        model = LeastSquares()
+        opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=LR), rho=rho, different_batches=True)
+        w = model.w.detach().clone()
+        g1 = grad_at(w, b1)
+        expected = w - LR * grad_at(w + rho * g1 / g1.norm(), b2)
+        if form == "closure":
+            opt.step(closure_for(model), batches=[b1, b2])
+        else:
+            fm.TrainStep(model, opt, LeastSquares.loss)([b1, b2])
+        torch.testing.assert_close(model.w.detach(), expected, **TOL)
+
+
 def test_batches_are_validated_before_anything_moves():
     model = LeastSquares()
     w = model.w.detach().clone()

@@ -7,6 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,7 +74,7 @@ def test_readme_diagnostics_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"model": model, "fm": fm, "loader": [(x[:16], y[:16]), (x[16:], y[16:])],
                  "loss_fn": lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])}
-    exec(python_blocks()[4], namespace)
+    exec(python_blocks()[5], namespace)
     assert len(namespace["top"].values) == 3 and namespace["summary"]["summary"]["lambda_max"] > 0
     assert (tmp_path / "diagnostics" / "report.json").exists()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -93,3 +94,22 @@ def test_readme_averaging_block_runs():
     exec(python_blocks()[3], namespace)
     assert namespace["swa"].n_averaged == 1 and isinstance(namespace["averaged"], nn.Module)
     assert 0.0 <= opt.param_groups[0]["rho"] <= 0.5
+
+
+def test_readme_continual_block_runs():
+    """Split digits with O-LoRA + SAM on a LoRA ResNet: the matrix is 5 × 5 and the metrics are its own."""
+    pytest.importorskip("peft")
+    from flatminima.continual import continual_metrics
+    from flatminima.data import load_digits
+    from flatminima.experiment import build_model
+
+    torch.manual_seed(0)
+    peft_model = build_model("resnet_lora", load_digits(), width=8, blocks=[1], r=2)
+    namespace = {"peft_model": peft_model, "fm": fm, "torch": torch}
+    exec(python_blocks()[4], namespace)
+    accuracy = namespace["accuracy"]
+    assert len(accuracy) == 5 and all(len(row) == 5 for row in accuracy)
+    expected = continual_metrics(accuracy)
+    for key in ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting"):
+        assert namespace["metrics"][key] == expected[key]
+    assert accuracy[0][0] > 0.9  # the first task (digits 0 and 1) is learned

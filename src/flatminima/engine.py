@@ -18,7 +18,11 @@
   pass, or the first noisy pass of a method without one, such as RWP; buffers are snapshotted
   after that pass and copied back after the step, so ``momentum=None`` and ``num_batches_tracked``
   stay right), with every pass (``"all"``) or never (``"frozen"``);
-* clipping of the final descent gradient (``max_grad_norm``).
+* clipping of the final descent gradient (``max_grad_norm``);
+* a regularizer ``R(model)`` (O-LoRA's orthogonality, N-LoRA's sparsity, BAR): added to the
+  objective of every pass once, after the pass's micro-batches and outside any division by their
+  number, so accumulation never changes its weight (the public O-LoRA code multiplies it by the
+  accumulation steps). Under DDP every rank adds the same gradient after the all-reduce.
 
 The weights the base optimizer updates are bit-for-bit those from before the step's perturbations.
 A pass that raises leaves the weights, the running statistics and the optimizer's and method's
@@ -98,13 +102,15 @@ class TrainStep:
     """``step = TrainStep(model, opt, loss_fn, ...); result = step(micro_batches)``.
 
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. ``optimizer`` is a flatminima
-    method or a plain ``torch.optim.Optimizer`` (run as the base method).
+    method or a plain ``torch.optim.Optimizer`` (run as the base method). ``regularizer(model)``
+    returns a 0-dim penalty added once to every pass's objective (and to the returned loss).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                  accumulation: str = "last", scaler: Optional["torch.amp.GradScaler"] = None,
                  autocast_dtype: Optional[torch.dtype] = None, bn: str = "clean",
-                 max_grad_norm: Optional[float] = None):
+                 max_grad_norm: Optional[float] = None,
+                 regularizer: Optional[Callable[[nn.Module], Tensor]] = None):
         check("accumulation", accumulation in ("last", "full"), accumulation, "'last' or 'full'")
         check("bn", bn in ("clean", "all", "frozen"), bn, "'clean', 'all' or 'frozen'")
         check("autocast_dtype", autocast_dtype in (None, torch.float16, torch.bfloat16), autocast_dtype,
@@ -114,6 +120,8 @@ class TrainStep:
             check("max_grad_norm", ok, max_grad_norm, "None or a float > 0")
         check("scaler", scaler is None or isinstance(scaler, torch.amp.GradScaler), type(scaler).__name__,
               "None or a torch.amp.GradScaler")
+        check("regularizer", regularizer is None or callable(regularizer), type(regularizer).__name__,
+              "None or a callable model -> 0-dim loss tensor")
         if not isinstance(optimizer, FlatOptimizer):
             optimizer = Base(optimizer)
         if _is_ddp(model) and model.gradient_as_bucket_view and optimizer.combination.uses_clean:
@@ -121,7 +129,7 @@ class TrainStep:
                              "gradient_as_bucket_view=True overwrites: build DDP with gradient_as_bucket_view=False")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.accumulation, self.scaler, self.autocast_dtype, self.bn = accumulation, scaler, autocast_dtype, bn
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.regularizer = max_grad_norm, regularizer
         # A disabled scaler (``GradScaler(enabled=False)``, or a CUDA scaler without CUDA) is a no-op.
         self._amp = scaler is not None and scaler.is_enabled()
 
@@ -168,13 +176,24 @@ class TrainStep:
             with (self.model.no_sync() if no_sync else contextlib.nullcontext()):
                 with torch.set_grad_enabled(request.backward), self._autocast():
                     loss = self.loss_fn(self.model, batch) * weight
+                penalty = None
+                if last and self.regularizer is not None:
+                    # Once per pass, at the pass's point (w or w + ε), outside autocast, never divided
+                    # by the micro-batch count nor weighted by the rank weight (DDP averages the
+                    # ranks' identical penalty gradients back to one).
+                    with torch.set_grad_enabled(request.backward):
+                        penalty = self.regularizer(self.model)
                 if request.backward:
                     # ``Pass.loss_weight`` (parallel m-RWP's rank weight) acts on the gradient only.
                     weighted = loss if request.loss_weight == 1.0 else loss * request.loss_weight
+                    if penalty is not None:
+                        weighted = weighted + penalty
                     (self.scaler.scale(weighted) if self._amp else weighted).backward()
             # Sum in at least float32 (an fp16/bf16 loss under autocast), never below the loss's own
             # precision: float64 losses stay float64 (probe choices, the returned clean loss).
             loss = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
+            if penalty is not None:
+                loss = loss + penalty.detach().to(loss.dtype)
             total = loss if total is None else total + loss
         if request.backward and self._amp:
             self._unscale(found_inf)

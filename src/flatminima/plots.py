@@ -73,3 +73,100 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
         fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _groups(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    from .runner import record_group
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(record_group(r), []).append(r)
+    return groups
+
+
+#: Flatness measures drawn by :func:`plot_sharpness`: (summary key, axis title).
+SHARPNESS_PANELS = (("lambda_max", "top Hessian eigenvalue λ_max"), ("trace", "Hessian trace"),
+                    ("sharpness", "worst-case sharpness"), ("average_sharpness", "average sharpness"))
+
+
+def plot_sharpness(records: Sequence[dict[str, Any]], path: os.PathLike | str) -> os.PathLike | str:
+    """One bar panel per flatness measure in the runs' diagnostics (mean over seeds, ±1 std error
+    bars, each seed as a dot), one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    groups = {g: [r["diagnostics"]["summary"] for r in rs if "diagnostics" in r] for g, rs in _groups(records).items()}
+    groups = {g: s for g, s in groups.items() if s}
+    panels = [(k, t) for k, t in SHARPNESS_PANELS if any(k in s for runs in groups.values() for s in runs)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.6 * max(1, len(panels)), 3.6),
+                             constrained_layout=True, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, runs in enumerate(groups.values()):
+            values = np.asarray([s[key] for s in runs if s.get(key) is not None], dtype=float)
+            if not len(values):
+                continue
+            ax.bar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, color=colours(i % 10),
+                   alpha=0.8, capsize=3)
+            ax.plot(np.full(len(values), i), values, "k.", ms=4)
+        ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right")
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str) -> os.PathLike | str:
+    """A continual run at a glance, one line per method × strategy (mean over seeds and orders, ±1
+    std band): the average accuracy on the tasks learned so far after each task, the accuracy on the
+    first task after each task (forgetting made visible), and λ_max on the task just learned for
+    each measured parameter space. Several task orders are averaged by position (the first task of
+    each order). Colour: method; line style: strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    groups = _groups(records)
+    scenario = records[0]["scenario"]
+    spaces = [s for s, v in records[0].get("lambda_max", {}).items() if v]
+    panels = 2 + len(spaces)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), constrained_layout=True, squeeze=False)
+    axes = axes[0]
+    colours = plt.get_cmap("tab10")
+    T = len(records[0]["tasks"])
+    x = np.arange(1, T + 1)
+
+    def band(ax, values, colour, style, label, log=False):
+        values = np.asarray(values, dtype=float)
+        mean, std = values.mean(0), values.std(0)
+        ax.plot(x, mean, style, marker="o", ms=3, color=colour, label=label)
+        low = np.maximum(mean - std, mean / 3) if log else mean - std  # a log axis has no room below 0
+        ax.fill_between(x, low, mean + std, color=colour, alpha=0.12, lw=0)
+
+    # One colour per method, one line style per strategy.
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    strategies = list(dict.fromkeys(r.get("strategy") for r in records))
+    styles = ["-", "--", ":", "-."]
+    for g, runs in groups.items():
+        colour = colours(methods.index(runs[0]["method"]) % 10)
+        style = styles[strategies.index(runs[0].get("strategy")) % len(styles)]
+        seen = [[100 * np.mean(r["accuracy"][scenario][j][:j + 1]) for j in range(T)] for r in runs]
+        band(axes[0], seen, colour, style, g)
+        band(axes[1], [[100 * r["accuracy"][scenario][j][0] for j in range(T)] for r in runs], colour, style, g)
+        for ax, space in zip(axes[2:], spaces):
+            band(ax, [r["lambda_max"][space] for r in runs], colour, style, g, log=True)
+    axes[0].set(title="average accuracy on the tasks seen", ylabel="accuracy (%)")
+    axes[1].set(title="accuracy on the first task", ylabel="accuracy (%)")
+    for ax, space in zip(axes[2:], spaces):
+        ax.set(title=f"λ_max ({space} parameters), task just learned", yscale="log")
+    for ax in axes:
+        ax.set(xlabel="after task")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,350 @@
+"""LoRA adapters for a sequence of tasks on current PEFT: which adapter trains, which are frozen, the
+strategy's penalty, and the fold of a finished task into the frozen past.
+
+Strategies (:data:`STRATEGIES`), for tasks ``t = 0, 1, …``:
+
+* ``finetune``: every parameter of the model trains in every task; no adapters, no penalty.
+* ``seq-lora``: the model's one adapter trains through all tasks.
+* ``inc-lora``: a new adapter per task; the earlier ones stay active and frozen, so the layer computes
+  ``W0 + Σ_{k≤t} s_k·B_k A_k`` (incremental LoRA, the sum of frozen adapters, as in InfLoRA's
+  sequence of branches, Liang & Li, CVPR 2024, without its subspace constraint).
+* ``o-lora`` (O-LoRA, Wang et al., EMNLP Findings 2023, *Orthogonal Subspace Learning for Language
+  Model Continual Learning*): a new adapter per task, trained with
+  ``λ₁·Σ_layers Σ_ij |(A_past A_newᵀ)_ij| + λ₂·Σ_{P ∈ new} ‖P‖_F``; the B side compares
+  ``B_pastᵀ B_new``; ``squared`` uses ``(·)²`` instead of ``|·|``.
+* ``n-lora`` (N-LoRA, Yang et al., COLING 2025, *Is Parameter Collision Hindering Continual Learning
+  in LLMs?*): the same adapters, trained with ``λ·Σ_{P ∈ new} ‖P‖₁`` (sparse updates collide less).
+
+O-LoRA and N-LoRA fold each finished task into one frozen adapter ``past`` by concatenation along
+the rank::
+
+    A_past' = [A_past; A_new],   B_past' = [s_past·B_past, s_new·B_new],   s_past' = 1,
+
+so ``s_past'·B_past' A_past' = s_past·B_past A_past + s_new·B_new A_new``: the model's function is
+unchanged, the scalings live in ``B`` (the A-side penalty compares unscaled ``A``), and a layer's
+past rank is the sum of the ranks of the tasks so far. PEFT's ``add_weighted_adapter(…, "cat")`` is
+not used: it puts the scalings into ``A``, sets ``lora_alpha = r`` (a scaling ``√r`` under rsLoRA)
+and draws the new adapter's init from the global RNG.
+
+Task 0 of every LoRA strategy trains the model's existing adapter (its name is kept); task ``t > 0``
+adds ``task{t}`` with ``config``. Between tasks nothing but the ``trainable`` modules requires
+grad. New adapters are initialised from ``(seed, t)`` inside a forked CPU RNG: reproducible, and the
+caller's RNG never moves. The classification head is named in ``trainable`` and trained by setting
+``requires_grad`` here, never through PEFT's ``modules_to_save`` (which refuses several active
+adapters).
+
+Saving: every adapter (past and current) is in ``model.peft_config``, hence in ``model.state_dict()``
+and ``model.save_pretrained`` (the head is in the state dict only). :meth:`ContinualLoRA.merge`
+merges every active adapter, the current one included, into the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..lora import _factors, _reduction_dtype, lora_layers
+from ..optim import check, check_int, check_nonnegative
+from ..schedules import derive_seed
+
+STRATEGIES = ("finetune", "seq-lora", "inc-lora", "o-lora", "n-lora")
+#: Strategies that fold each finished task into the frozen adapter :data:`PAST`.
+FOLDING = ("o-lora", "n-lora")
+ORTH_SIDES = ("A", "B", "AB")
+PAST = "past"
+#: ``init_lora_weights`` values that leave the base weights alone (PiSSA, OLoRA, LoftQ, … rewrite
+#: ``W0``, under the frozen adapters of earlier tasks).
+SAFE_INITS = (True, False, "gaussian")
+
+
+def _has(layer: nn.Module, name: str) -> bool:
+    return name in layer.lora_A or name in layer.lora_embedding_A
+
+
+def _matrices(layer: nn.Module, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` as ``r × n_in`` and ``n_out × r`` matrices in ``dtype``: a convolution's A
+    ``(r, in, kh, kw)`` is flattened, its B ``(out, r, 1, 1)`` squeezed."""
+    a, b = _factors(layer, name)
+    return a.to(dtype).flatten(1), b.to(dtype).flatten(1)
+
+
+@contextlib.contextmanager
+def _seeded(*keys: int) -> Iterator[None]:
+    """A forked CPU RNG seeded from ``keys``: PEFT draws new adapters' init (on CPU, before moving
+    them to the base layer's device) from the global generator, which must not move."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(derive_seed(*keys))  # not torch.manual_seed: it seeds CUDA too
+        yield
+
+
+def _config_problem(config, folding: bool) -> Optional[str]:
+    """Why ``config`` cannot make this strategy's adapters, or None."""
+    if config.modules_to_save:
+        return "modules_to_save (name the head in trainable= instead)"
+    if getattr(config, "target_parameters", None):
+        return "target_parameters"
+    if config.init_lora_weights not in SAFE_INITS:
+        return f"init_lora_weights={config.init_lora_weights!r} (it rewrites the base weights)"
+    if folding:  # concatenation keeps the function of plain adapters only
+        variants = [f.name for f in dataclasses.fields(config)
+                    if f.metadata.get("is_lora_variant") and getattr(config, f.name)]
+        variants += ["lora_bias"] if config.lora_bias else []
+        if variants:
+            return f"a LoRA variant ({', '.join(variants)})"
+    return None
+
+
+class ContinualLoRA:
+    """Adapter bookkeeping for continual LoRA (see the module docstring for the strategies).
+
+    ``model``: a ``peft.PeftModel`` with one LoRA adapter (any ``nn.Module`` for ``finetune``).
+    ``trainable``: names (exact, or a dotted suffix) of non-LoRA modules trained in every task.
+    ``orth_weight`` (λ₁, O-LoRA only), ``l2_weight`` (λ₂, ``Σ‖P‖_F``) and ``l1_weight`` (λ,
+    ``Σ‖P‖₁``) weigh the penalty terms on the current adapter (O-LoRA: λ₁, λ₂; N-LoRA: λ).
+    ``orth_side``: the factors O-LoRA compares (``"A"``, ``"B"`` or ``"AB"``, both summed);
+    ``squared``: ``(·)²`` instead of ``|·|``. ``config``: the ``LoraConfig`` of new adapters
+    (default: a copy of the model's adapter's). ``seed``: new adapters' init, with the task index.
+
+    ``current``: the adapter being trained (None between tasks and for ``finetune``); ``past``: the
+    frozen active adapters (``[PAST]`` once O-LoRA/N-LoRA folded a task; seq-LoRA's one adapter
+    between tasks). ``has_penalty``: whether :meth:`penalty` can be non-zero. Call :meth:`start_task` before and :meth:`end_task` after each task, add
+    :meth:`penalty` to the loss and optimize :meth:`trainable_parameters`.
+    """
+
+    def __init__(self, model: nn.Module, strategy: str, *, trainable: Sequence[str] = (), orth_weight: float = 0.5,
+                 l2_weight: float = 0.0, orth_side: str = "A", squared: bool = False, l1_weight: float = 0.0,
+                 config=None, seed: int = 0):
+        check("strategy", strategy in STRATEGIES, strategy, f"one of {', '.join(STRATEGIES)}")
+        for name, value in (("orth_weight", orth_weight), ("l2_weight", l2_weight), ("l1_weight", l1_weight)):
+            check_nonnegative(name, value)
+        check("orth_side", orth_side in ORTH_SIDES, orth_side, f"one of {', '.join(ORTH_SIDES)}")
+        check("squared", isinstance(squared, bool), squared, "True or False")
+        check_int("seed", seed, 0)
+        check("trainable", isinstance(trainable, (list, tuple)) and all(isinstance(t, str) for t in trainable),
+              trainable, "a list or tuple of module names")
+        self.model, self.strategy, self.seed = model, strategy, seed
+        self.orth_weight, self.l2_weight, self.l1_weight = float(orth_weight), float(l2_weight), float(l1_weight)
+        self.orth_side, self.squared = orth_side, squared
+        self.current: Optional[str] = None
+        self.past: list[str] = []
+        self._next_task, self._in_task, self.config = 0, False, None
+        if strategy != "finetune":
+            self.config, self._first = self._check_model(model, config)
+        self._head = self._check_trainable(trainable)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_model(self, model: nn.Module, config):
+        """The config of new adapters and the name of the model's adapter, or ValueError."""
+        from peft import LoraConfig, PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        expected = "a peft.PeftModel with one LoRA adapter"
+        ok = isinstance(model, PeftModel) and len(model.peft_config) == 1
+        first = next(iter(model.peft_config)) if ok else None
+        check("model", ok and isinstance(model.peft_config[first], LoraConfig) and bool(lora_layers(model)),
+              type(model).__name__, expected)
+        check("model", first != PAST and not re.fullmatch(r"task\d+", first), f"adapter {first!r}",
+              f"an adapter not named {PAST!r} or 'task<t>' (names of the adapters added here)")
+        folding = self.strategy in FOLDING
+        config = copy.deepcopy(model.peft_config[first] if config is None else config)
+        check("config", isinstance(config, LoraConfig), type(config).__name__, "a peft.LoraConfig")
+        for name, cfg in (("model", model.peft_config[first]), ("config", config)):
+            problem = _config_problem(cfg, folding)
+            check(name, problem is None, problem, "a plain LoRA adapter")
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        check("model", not any(m.merged for m in layers), "merged adapters", "unmerged adapters")
+        if folding:  # the fold and the penalty read A and B of Linear/Conv/Embedding layers
+            supported = {id(m) for m in lora_layers(model)}
+            check("model", all(id(m) in supported for m in layers), "LoRA on another layer type",
+                  "LoRA on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding layers only")
+            check("model", all(getattr(m.get_base_layer(), "groups", 1) == 1 for m in layers), "grouped convolutions",
+                  "convolutions with groups=1 (grouped LoRA factors do not concatenate)")
+        return config, first
+
+    def _check_trainable(self, names: Sequence[str]) -> list[nn.Module]:
+        """The modules named in ``trainable`` (each name must match one at least)."""
+        found: list[nn.Module] = []
+        for want in names:
+            hits = [m for n, m in self.model.named_modules() if n == want or n.endswith("." + want)]
+            check("trainable", bool(hits), want, "names of modules of the model")
+            if self.strategy != "finetune":  # their adapters' requires_grad is decided here, per task
+                from peft.tuners.lora import LoraLayer
+
+                check("trainable", not any(isinstance(s, LoraLayer) for m in hits for s in m.modules()), want,
+                      "names of non-LoRA modules")
+            found += hits
+        return found
+
+    # ------------------------------------------------------------------ task lifecycle
+
+    @property
+    def has_penalty(self) -> bool:
+        """Whether :meth:`penalty` can be non-zero."""
+        orth = self.orth_weight if self.strategy == "o-lora" else 0.0
+        return self.strategy != "finetune" and (orth > 0 or self.l2_weight > 0 or self.l1_weight > 0)
+
+    def start_task(self, task: int) -> None:
+        """Make task ``task``'s adapter the one that trains (tasks come as 0, 1, 2, …)."""
+        check("task", isinstance(task, int) and task == self._next_task and not self._in_task, task,
+              f"{self._next_task}, after end_task() of the previous task")
+        self._next_task, self._in_task = task + 1, True
+        if self.strategy == "finetune":
+            self._set_requires_grad()
+            return
+        if self.strategy == "seq-lora" or task == 0:
+            self.current, self.past = self._first, [n for n in self.past if n != self._first]
+        else:
+            self.current = f"task{task}"
+            with _seeded(self.seed, task):
+                self._add_adapter(self.current, copy.deepcopy(self.config))
+        self._activate()
+
+    def end_task(self) -> None:
+        """Freeze the current adapter (O-LoRA/N-LoRA: fold it into :data:`PAST`); it stays active."""
+        check("end_task", self._in_task, "a call without a task in progress", "start_task() first")
+        self._in_task = False
+        if self.strategy in FOLDING:
+            with _seeded(self.seed, self._next_task - 1, 1):
+                self._fold()
+            self.past = [PAST]
+        elif self.current is not None:
+            self.past.append(self.current)
+        self.current = None
+        if self.strategy != "finetune":
+            self._activate()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The current adapter's parameters and the ``trainable`` modules' (``finetune``: all), in
+        the model's order: what :meth:`start_task` leaves with ``requires_grad``."""
+        if self.strategy == "finetune":
+            return list(self.model.parameters())
+        keep = {id(p) for m in self._head for p in m.parameters()}
+        if self.current is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for layer in self.model.modules():
+                if isinstance(layer, LoraLayer):  # A, B and any variant's own tensors (DoRA's magnitude)
+                    for attr in layer.adapter_layer_names:
+                        part = getattr(layer, attr)
+                        if self.current in part:
+                            item = part[self.current]
+                            params = item.parameters() if isinstance(item, nn.Module) else [item]
+                            keep.update(id(p) for p in params)
+        return [p for p in self.model.parameters() if id(p) in keep]
+
+    # ------------------------------------------------------------------ penalty
+
+    def penalty(self) -> Tensor:
+        """The strategy's penalty on the current adapter, a 0-dim tensor (float32, float64 for a
+        float64 adapter) differentiable w.r.t. the current adapter only::
+
+            λ₁·Σ_layers Σ_ij φ((A_past A_newᵀ)_ij) [+ φ((B_pastᵀ B_new)_ij)]    (O-LoRA, φ = |·| or (·)²)
+            + λ₂·Σ_{P ∈ {A_new, B_new}} ‖P‖_F + λ·Σ_P Σ_ij |P_ij|   (O-LoRA: λ₂; N-LoRA: λ)
+
+        Terms with a zero weight are not computed: with every weight 0 it is a constant 0, and
+        ``loss + penalty()`` trains exactly as ``loss``."""
+        terms: list[Tensor] = []
+        if self.current is not None and self.strategy != "finetune":
+            orth = self.orth_weight if self.strategy == "o-lora" and PAST in self.past else 0.0
+            for layer in lora_layers(self.model):
+                if _has(layer, self.current):
+                    terms += self._layer_terms(layer, orth)
+        if not terms:
+            param = next(self.model.parameters())
+            return torch.zeros((), dtype=_reduction_dtype(param), device=param.device)
+        return torch.stack(terms).sum()
+
+    def _layer_terms(self, layer: nn.Module, orth: float) -> list[Tensor]:
+        """One layer's weighted terms of :meth:`penalty`."""
+        dtype = _reduction_dtype(_factors(layer, self.current)[0])
+        a, b = _matrices(layer, self.current, dtype)
+        terms = []
+        if orth > 0 and _has(layer, PAST):
+            a_past, b_past = _matrices(layer, PAST, dtype)
+            products = (([a_past @ a.T] if "A" in self.orth_side else [])
+                        + ([b_past.T @ b] if "B" in self.orth_side else []))
+            terms += [orth * (p.square() if self.squared else p.abs()).sum() for p in products]
+        if self.l2_weight > 0:  # ‖·‖ of each tensor, as O-LoRA's torch.norm(param, p=2)
+            terms.append(self.l2_weight * (torch.linalg.vector_norm(a) + torch.linalg.vector_norm(b)))
+        if self.l1_weight > 0:
+            terms.append(self.l1_weight * (a.abs().sum() + b.abs().sum()))
+        return terms
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self) -> nn.Module:
+        """The plain model with every active adapter (past and current) merged into its base weights:
+        ``W = W0 + Σ_active s·BA`` (PEFT's ``merge_and_unload``). The PEFT wrapper is consumed: use
+        the returned model (``finetune``: the model itself)."""
+        if self.strategy == "finetune":
+            return self.model
+        names = self.past + ([self.current] if self.current is not None else [])
+        return self.model.merge_and_unload(adapter_names=names or list(self.model.active_adapters))
+
+    # ------------------------------------------------------------------ internals
+
+    def _add_adapter(self, name: str, config) -> None:
+        from peft import PeftModel
+
+        # PeftModel's add_adapter, not a task subclass's: PeftModelForSequenceClassification would add
+        # the classifier to modules_to_save, which PEFT refuses with several active adapters.
+        PeftModel.add_adapter(self.model, name, config)
+        for layer in self._named_layers().values():
+            layer.train(layer.training)  # new adapter modules are built in training mode
+
+    def _named_layers(self) -> dict[str, nn.Module]:
+        """LoRA layers by the key PEFT targets them with (a name inside ``base_model.model``)."""
+        from peft.tuners.lora import LoraLayer
+
+        return {k: m for k, m in self.model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Replace the past and current adapters by :data:`PAST` = their concatenation (module docstring)."""
+        from peft import LoraConfig
+
+        names = [n for n in (*self.past, self.current) if n is not None]
+        folded = {}
+        for key, layer in self._named_layers().items():
+            pairs = [_factors(layer, n) for n in names if _has(layer, n)]
+            scales = [float(layer.scaling[n]) for n in names if _has(layer, n)]
+            if pairs:
+                folded[key] = (torch.cat([a for a, _ in pairs], 0),
+                               torch.cat([b * s for (_, b), s in zip(pairs, scales)], 1))
+        for n in names:
+            self.model.delete_adapter(n)
+        # One rank per layer (rank_pattern) and α = r (scaling 1); escaped full keys, longest first, so a
+        # key never takes the rank of a key it ends with.
+        keys = sorted(folded, key=len, reverse=True)
+        ranks = {re.escape(k): folded[k][0].shape[0] for k in keys}
+        top = max(ranks.values())
+        config = LoraConfig(r=top, lora_alpha=top, rank_pattern=ranks, alpha_pattern=dict(ranks),
+                            target_modules="^(?:" + "|".join(ranks) + ")$", lora_dropout=self.config.lora_dropout,
+                            fan_in_fan_out=self.config.fan_in_fan_out)
+        self._add_adapter(PAST, config)
+        layers = self._named_layers()
+        for key, (a, b) in folded.items():
+            a_dst, b_dst = _factors(layers[key], PAST)
+            a_dst.copy_(a)
+            b_dst.copy_(b)
+
+    def _activate(self) -> None:
+        """Past and current adapters active (the forward sums them), only the trainable ones with grad."""
+        names = self.past + ([self.current] if self.current is not None else [])
+        # LoraModel.set_adapter takes a list (PeftModel's takes one name) and turns requires_grad on for
+        # every listed adapter: _set_requires_grad freezes the past ones again.
+        self.model.base_model.set_adapter(names)
+        self.model.active_adapter = names[-1]  # PeftModel's own lookups need one existing adapter name
+        self._set_requires_grad()
+
+    def _set_requires_grad(self) -> None:
+        keep = {id(p) for p in self.trainable_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
