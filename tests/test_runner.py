@@ -194,6 +194,8 @@ def test_cli_runs_a_yaml_config_and_a_suite_writes_one_folder_each(tmp_path, cap
     path.write_text("methods: {sgd: {}}\nseeds: [0]\nepochs: 1\ndiagnostics: []\n")
     assert main(["run", str(path), "--preset", "quick", "--out", str(tmp_path / "one"), "--no-progress"]) == 0
     assert (tmp_path / "one" / "report.html").is_file()
+    ran = ExperimentConfig.from_dict({"out_dir": str(tmp_path / "one")}, base=ExperimentConfig.load(path, preset("quick")))
+    assert ExperimentConfig.load(tmp_path / "one" / "config.yaml") == ran  # the saved config reruns it
     import flatminima.experiment as experiment
 
     monkeypatch.setitem(experiment.SUITES, "pair", ("quick", "continual_quick"))

@@ -879,7 +879,7 @@ _CSV_FIELDS = ["method", "registry_name", "test_acc_mean", "test_acc_std", "test
 def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall_time: float,
                   device: Optional[torch.device] = None, log: Callable[[str], None] = print,
                   interpolation: Optional[dict[str, Any]] = None) -> str:
-    """Write ``results.{json,csv,md}``, the figures (``learning_curves.png``, ``sharpness.png``,
+    """Write ``config.yaml``, ``results.{json,csv,md}``, the figures (``learning_curves.png``, ``sharpness.png``,
     ``interpolation.png``; for continual runs ``continual.png`` and the accuracy matrices under
     ``matrices/``; skipped, with a note, without matplotlib) and the self-contained ``report.html``
     into ``out``; return the Markdown tables."""
@@ -938,6 +938,7 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
             figures.append(out / "interpolation.png")
     except ImportError as exc:
         log(f"figures not written ({exc}; pip install matplotlib)")
+    runner.write_config(out, config)
     runner.write_report(out, config, table, extra, figures,
                         notes=f"{len(records)} runs; wall time {wall_time:.0f} s on {device}.")
     return full

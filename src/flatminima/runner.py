@@ -248,6 +248,19 @@ def write_continual_figures(out: Path, records: Sequence[dict], log: Callable[[s
 # the HTML report
 
 
+def write_config(out: Path, config) -> Path:
+    """``config.yaml`` (``config.json`` without PyYAML): the experiment's config, runnable as is."""
+    try:
+        import yaml
+    except ImportError:
+        path = out / "config.json"
+        path.write_text(json.dumps(config.to_dict(), indent=1))
+        return path
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    return path
+
+
 def write_report(out: Path, config, table: str, extra_tables: Sequence[tuple[str, str]],
                  figures: Sequence[Path], notes: str = "") -> Path:
     """``report.html``: one self-contained page with the results tables, every figure and the
@@ -271,8 +284,9 @@ def write_report(out: Path, config, table: str, extra_tables: Sequence[tuple[str
             prose = "\n".join(line for line in markdown.splitlines() if line and not line.startswith("|"))
             sections.append(Section(title, text=prose, tables=tables(markdown)))
     sections.append(Section("Figures", figures=[f for f in figures if Path(f).is_file()]))
-    sections.append(Section("Configuration", text="The exact configuration of this experiment (rerun it with "
-                            "`flatminima run results.json`'s config saved as a file).", details=config.to_dict()))
+    sections.append(Section("Configuration", text=f"The exact configuration of this experiment; "
+                            f"`flatminima run {out / 'config.yaml'}` runs it again (finished units are loaded).",
+                            details=config.to_dict()))
     title = f"{config.name}: {config.task} / {config.model}"
     subtitle = f"{len(config.seeds)} seed(s), {config.epochs} epoch(s)" + (" per task" if config.continual else "")
     return write_html_report(out / "report.html", title, sections, subtitle=subtitle)
