@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     from .diagnostics.report import DEFAULT_DIAGNOSTICS, DIAGNOSTICS
     diagnose = sub.add_parser("diagnose", help="run flatness diagnostics on a trained model and write a report")
     diagnose.add_argument("--preset", default="fashion", help="the task and model (as for run); default: %(default)s")
-    diagnose.add_argument("--config", help="JSON file of config fields, applied on top of the preset")
+    diagnose.add_argument("--config", help="a config file (YAML or JSON), applied on top of the preset")
     diagnose.add_argument("--checkpoint", help="a state dict saved by `run --save-models` (default: the model "
                           "at its seed-0 initialization)")
     diagnose.add_argument("--diagnostics", type=_csv_list, default=list(DEFAULT_DIAGNOSTICS),
