@@ -633,15 +633,21 @@ def accuracy_counts(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> tup
     return (logits(model, x).argmax(-1) == y).sum(), len(y)
 
 
-def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode; the training mode is restored."""
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int,
+             logit_mask: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode; the training mode is restored.
+    ``logit_mask`` (0 for the allowed classes, ``-inf`` for the others) is added to the logits: the
+    task-incremental evaluation of a continual run."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=y.device)
     correct = torch.zeros((), device=y.device, dtype=torch.long)
     for i in range(0, len(y), batch_size):
-        logits_ = logits(model, take(x, slice(i, i + batch_size)))
-        loss += F.cross_entropy(logits_.float(), y[i:i + batch_size], reduction="sum")
+        logits_ = logits(model, take(x, slice(i, i + batch_size))).float()
+        if logit_mask is not None:
+            logits_ = logits_ + logit_mask
+        loss += F.cross_entropy(logits_, y[i:i + batch_size], reduction="sum")
         correct += (logits_.argmax(1) == y[i:i + batch_size]).sum()
     model.train(was_training)
     return correct.item() / len(y), loss.item() / len(y)
@@ -716,7 +722,7 @@ def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, devic
 def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name: str, base_settings: dict[str, Any],
                 hyper: dict[str, Any], seed: int, device: torch.device,
                 on_step: Optional[Callable[[dict], None]] = None, *,
-                loss_fn: Callable[[nn.Module, Any], torch.Tensor] = None,
+                loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
                 regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
                 shuffle: Optional[torch.Generator] = None, method_seed: Optional[int] = None,
                 evaluate_fn: Optional[Callable[[nn.Module], tuple[float, float]]] = None) -> dict[str, Any]:

@@ -37,13 +37,9 @@ class Unit:
         parts = [self.label] + [p for p in (self.strategy, self.order_name) if p]
         return "_".join(parts) + f"_seed{self.seed}"
 
-    @property
-    def group(self) -> str:
-        """The row a unit is averaged into: the method, and the strategy of a continual run."""
-        return self.label if self.strategy is None else f"{self.label} / {self.strategy}"
-
 
 def record_group(record: dict[str, Any]) -> str:
+    """The row a run is averaged into: its method, and its strategy in a continual run."""
     return record["method"] if record.get("strategy") is None else f"{record['method']} / {record['strategy']}"
 
 
@@ -145,7 +141,7 @@ class TensorBoard:
                     for i, acc in enumerate(row):
                         writer.add_scalar(f"{scenario}_accuracy/on_{record['tasks'][i]}", acc, j)
             for key, value in record["final"].items():
-                if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                if isinstance(value, (int, float)) and math.isfinite(value):
                     writer.add_scalar(f"final/{key}", value, 0)
         finally:
             writer.close()
@@ -153,15 +149,6 @@ class TensorBoard:
 
 # --------------------------------------------------------------------------------------------
 # continual summaries
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return math.nan, math.nan
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def _by_group(records: Sequence[dict]) -> dict[str, list[dict]]:
@@ -176,6 +163,7 @@ def continual_tables(records: Sequence[dict], reference_time: Optional[float]) -
     orders) in the training scenario, the other scenario when there is one, the top Hessian
     eigenvalue after each task, and the time per step."""
     from .continual.metrics import format_metrics_table
+    from .experiment import _mean_std
 
     groups = _by_group(records)
     scenario = records[0]["scenario"]
@@ -193,7 +181,7 @@ def continual_tables(records: Sequence[dict], reference_time: Optional[float]) -
         for g, rs in groups.items():
             cells = []
             for j in range(len(tasks)):
-                mean, std = _mean_std([r["lambda_max"][space][j] for r in rs if len(r["lambda_max"][space]) > j])
+                mean, std = _mean_std([r["lambda_max"][space][j] for r in rs])
                 cells.append(f"{mean:.4g} ± {std:.2g}")
             lines.append(f"| {g} | " + " | ".join(cells) + " |")
         parts.append(f"Top Hessian eigenvalue ({space} parameters) on the task just learned:\n\n" + "\n".join(lines))

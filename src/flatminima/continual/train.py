@@ -22,7 +22,6 @@ space: one matrix.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,18 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import take
+from ..experiment import (RUN_DIAGNOSTIC_OPTIONS, _cross_entropy, _fail, build_model, diagnostic_batches, evaluate,
+                          logits, steps_per_epoch, train_model)
 from .adapters import STRATEGIES, ContinualLoRA
-from .metrics import continual_metrics
+from .metrics import _jsonable, continual_metrics
 from .tasks import ContinualTask, TaskSequence, load_sequence
 
 #: Spaces the top Hessian eigenvalue can be measured in after each task.
 HESSIAN_SPACES = ("lora", "all", "trainable")
 SCENARIOS = ("domain", "task", "class")
-
-
-def _fail(name: str, value: Any, expected: str) -> None:
-    raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
 
 
 @dataclass
@@ -129,37 +125,22 @@ def _mask(num_classes: int, classes: Optional[Sequence[int]], device: torch.devi
 
 def masked_loss(classes_mask: Optional[torch.Tensor]) -> Callable[[nn.Module, Any], torch.Tensor]:
     """Cross-entropy over the task's classes only (``-inf`` added to the other logits; their
-    gradient is 0) — the task-incremental objective; ``None``: over all classes."""
-    from ..experiment import logits
+    gradient is 0) — the task-incremental objective; ``None``: the runner's cross-entropy."""
+    if classes_mask is None:
+        return _cross_entropy
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         out = logits(model, x)
-        return F.cross_entropy(out if classes_mask is None else out + classes_mask.to(out.dtype), y)
+        return F.cross_entropy(out + classes_mask.to(out.dtype), y)
 
     return loss_fn
 
 
-@torch.no_grad()
 def evaluate_task(model: nn.Module, task: ContinualTask, classes_mask: Optional[torch.Tensor],
                   batch_size: int) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` on ``task``'s test set, in eval mode (restored after)."""
-    from ..experiment import logits
-
-    was_training = model.training
-    model.eval()
-    data, n = task.data, len(task.data.y_test)
-    loss = torch.zeros((), device=data.y_test.device)
-    correct = torch.zeros((), device=data.y_test.device, dtype=torch.long)
-    for i in range(0, n, batch_size):
-        out = logits(model, take(data.x_test, slice(i, i + batch_size))).float()
-        if classes_mask is not None:
-            out = out + classes_mask
-        y = data.y_test[i:i + batch_size]
-        loss += F.cross_entropy(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-    model.train(was_training)
-    return correct.item() / n, loss.item() / n
+    """``(accuracy, mean cross-entropy)`` on ``task``'s test set (:func:`~flatminima.experiment.evaluate`)."""
+    return evaluate(model, task.data.x_test, task.data.y_test, batch_size, classes_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +186,6 @@ def train_continual(config, sequence: TaskSequence, label: str, seed: int, strat
     Runs inside ``fork_rng`` after ``torch.manual_seed(seed)`` (initialization, dropout): the
     caller's global RNG is left as it was.
     """
-    from ..experiment import RUN_DIAGNOSTIC_OPTIONS, build_model, diagnostic_batches, train_model
-
     settings = ContinualSettings.from_dict(config.continual)
     name, base_settings, hyper = config.method_spec(label)
     sequence = sequence.ordered(order)
@@ -262,7 +241,7 @@ def train_continual(config, sequence: TaskSequence, label: str, seed: int, strat
     record["accuracy"] = accuracy
     record["test_loss"] = losses
     record["baseline"] = {s: [acc for acc, _ in baseline[s]] for s in scenarios}
-    record["metrics"] = {s: _json_safe(continual_metrics(accuracy[s], record["baseline"][s])) for s in scenarios}
+    record["metrics"] = {s: _jsonable(continual_metrics(accuracy[s], record["baseline"][s])) for s in scenarios}
     final_metrics = record["metrics"][train_scenario]
     record["final"] = {
         "test_acc": final_metrics["average_accuracy"], "test_loss": sum(losses[train_scenario][-1]) / T,
@@ -273,15 +252,8 @@ def train_continual(config, sequence: TaskSequence, label: str, seed: int, strat
     return record
 
 
-def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """NaN (undefined for T = 1) as None, so the record is strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-
-
 def continual_steps(config, sequence: TaskSequence) -> int:
     """Optimizer steps of one continual unit (for progress bars)."""
-    from ..experiment import steps_per_epoch
-
     return sum(steps_per_epoch(config, t.data) * config.epochs for t in sequence.tasks)
 
 
