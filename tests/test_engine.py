@@ -550,6 +550,49 @@ def test_inf_on_one_micro_batch_of_the_window_skips():
     assert_same(clone_params(model), params)
 
 
+@pytest.mark.parametrize("method,inject", [
+    ("base", None), ("sam", None), ("gasam_k2", None), ("looksam", None), ("random_search", None),
+    ("sam", 0), ("sam", 1), ("gasam_k2", 2), ("looksam_k1", 1),
+])
+def test_passes_leave_the_scaled_gradient_a_callers_gradscaler_expects(method, inject):
+    """``passes()`` under fp16 hands a framework (HF Trainer, Lightning, Accelerate) the gradient one
+    ``scaler.scale(loss).backward()`` would: its own ``unscale_``, clipping, ``step`` and ``update``
+    then take exactly the engine's step, and an overflow in any pass (injected in the clean, the
+    perturbed or GA-SAM's second pass) makes ``scaler.step`` skip it with everything untouched."""
+    m1, o1 = build(method, dtype=torch.float32, bn=True)
+    m2, o2 = build(method, dtype=torch.float32, bn=True)
+    s1, s2 = (torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2))
+    inj = Injector()
+    engine = TrainStep(m1, o1, inj, scaler=s1, autocast_dtype=torch.float16, max_grad_norm=5.0)
+    framework = TrainStep(m2, o2, inj, scaler=s2, autocast_dtype=torch.float16)
+    for t in range(3):
+        mbs = [batch(t, dtype=torch.float32), batch(t + 30, dtype=torch.float32)]
+        armed = inject is not None and t == 1
+        inj.arm(*([inject] if armed else []))
+        r1 = engine(mbs)
+        assert r1.skipped is armed
+        inj.arm(*([inject] if armed else []))
+        params, state, count = clone_params(m2), copy.deepcopy(o2.state_dict()), o2.step_count
+        loss = framework.passes(mbs)
+        scale = s2.get_scale()
+        s2.unscale_(o2)
+        norm = nn.utils.clip_grad_norm_(o2.all_params_with_grad(), 5.0)
+        s2.step(o2)
+        s2.update()
+        assert torch.equal(loss, r1.loss)
+        if armed:
+            assert not torch.isfinite(norm) and s2.get_scale() == scale / 2
+            assert_same(clone_params(m2), params)
+            assert_state_equal(o2.state_dict(), state)
+            assert o2.step_count == count
+        else:
+            torch.testing.assert_close(norm, r1.grad_norm, rtol=0, atol=0)
+        assert_same(clone_params(m2), clone_params(m1))
+        assert_same(buffers(m2), buffers(m1))
+    assert o2.step_count == o1.step_count == (2 if inject is not None else 3)
+    assert s1.get_scale() == s2.get_scale()
+
+
 def test_disabled_scaler_is_a_no_op():
     m1, o1 = build("sam")
     m2, o2 = build("sam")

@@ -47,9 +47,9 @@ class _InOrder(FlatMinimaTrainer):
         return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
 
-def _args(tmp_path, **kw):
+def _args(tmp_path, steps=STEPS, **kw):
     return transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=MICRO,
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=ACCUMULATION, learning_rate=1e-3, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=0, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=5, seed=0, dataloader_drop_last=True, disable_tqdm=True, **kw)
@@ -106,6 +106,75 @@ def test_trainer_matches_the_engine_step_for_step(tmp_path, method, hyper):
     if method == "sam":
         assert all(log["flat/eps_norm"] == pytest.approx(0.05, rel=1e-4) for log in logged[:-1])
         assert all("flat/sharpness" in log and "flat/cosine" in log for log in logged[:-1])
+
+
+class _Overflow:
+    """The model's loss; its ``at``-th call (from 0) gets an inf gradient entry."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, model, batch):
+        from helpers import InfGrad
+
+        loss = model(**batch).loss
+        if self.calls == self.at:
+            loss = loss + 0.0 * InfGrad.apply(next(p for p in model.parameters() if p.requires_grad)).sum()
+        self.calls += 1
+        return loss
+
+
+def test_fp16_trainer_matches_the_engine_and_skips_an_overflow(tmp_path):
+    """fp16: the Trainer's GradScaler scales every pass (the engine unscales each and hands the
+    descent gradient back scaled); the Trainer unscales, clips, skips the step whose 3rd micro-batch
+    overflows (no scheduler step, as the Trainer does) and backs the scale off. Accelerate turns fp16
+    off on the CPU: we give the Trainer's accelerator what it builds on a GPU (a GradScaler and
+    native autocast; CPU fp16 autocast is real)."""
+    from accelerate.state import AcceleratorState
+
+    steps, examples = 6, _examples()
+
+    class Overflowing(_InOrder):
+        overflow = _Overflow(at=7)  # SAM: 5 passes per step (4 clean + 1 perturbed): step 2, clean pass 3
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return self.overflow(model, inputs)
+
+    AcceleratorState._reset_state()
+    try:
+        record = _Record()
+        trainer = Overflowing(model=_model(), args=_args(tmp_path, steps, fp16=True),
+                              train_dataset=examples, callbacks=[record], flat_method="sam",
+                              flat_hyperparameters={"rho": 0.05})
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        trainer.accelerator.native_amp, trainer.accelerator.scaler = True, scaler
+        halves = []
+        trainer.model.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+            lambda m, a, out: halves.append(out.dtype == torch.float16))
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state()
+    assert halves and all(halves)
+    assert scaler.get_scale() == 2.0**9 and trainer.optimizer.optimizer.step_count == steps - 1
+
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.create("sam", torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), total_steps=steps, rho=0.05)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
+    step = fm.TrainStep(model, opt, _Overflow(at=7), max_grad_norm=1.0, autocast_dtype=torch.float16,
+                        scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    batches = [examples[i:i + MICRO] for i in range(0, len(examples), MICRO)]
+    skipped = []
+    for k in range(steps):
+        window = [transformers.default_data_collator(batches[(k * ACCUMULATION + j) % len(batches)])
+                  for j in range(ACCUMULATION)]
+        skipped.append(step(window).skipped)
+        if not skipped[-1]:
+            sched.step()
+        for a, b in zip(record.weights[k], params):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {k + 1}")
+    assert skipped == [False, True] + [False] * (steps - 2)
+    assert all(torch.equal(a, b) for a, b in zip(record.weights[1], record.weights[0]))
 
 
 def test_bad_configuration_is_refused_before_training(tmp_path):

@@ -151,6 +151,70 @@ def test_bf16_mixed_matches_train_step_under_bf16_autocast():
     assert_states_equal(got, want)  # bit for bit: the same bf16 kernels in the same order
 
 
+class Overflowing:
+    """``loss_fn`` whose ``at``-th call (counted from 0) gets an inf gradient entry; records the
+    dtype the network computes in."""
+
+    def __init__(self, at: int):
+        self.at, self.calls, self.dtypes = at, 0, set()
+
+    def __call__(self, net, batch):
+        from helpers import InfGrad
+
+        x, y = batch
+        out = net(x)
+        self.dtypes.add(out.dtype)
+        loss = nn.functional.cross_entropy(out.float(), y)
+        if self.calls == self.at:
+            loss = loss + 0.0 * InfGrad.apply(next(net.parameters())).sum()
+        self.calls += 1
+        return loss
+
+
+class OverflowNet(Net):
+    def __init__(self, *args, overflow: Overflowing, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.overflow = overflow
+
+    def compute_loss(self, batch):
+        return self.overflow(self.net, batch)
+
+
+def test_16_mixed_matches_train_step_with_a_gradscaler_and_skips_an_overflow():
+    """fp16: Lightning's precision plugin owns the GradScaler (its unscale, step and update); the
+    engine scales every pass with it. The 2nd step's perturbed pass overflows: skipped, as by the
+    engine with the same scaler. (Lightning turns "16-mixed" into bf16 on the CPU; the plugin built by
+    hand is what it builds on a GPU, and CPU fp16 autocast is real.)"""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    batches = make_batches(16, dtype=torch.float32)
+    overflow = Overflowing(at=9)  # SAM over windows of 4: 5 passes per step; call 9 is step 2's perturbed pass
+    module = OverflowNet("sam", make_net(torch.float32), batches, overflow=overflow, rho=0.05, accumulate=4,
+                         max_grad_norm=1.0)
+    recorder = Recorder()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    t = trainer(callbacks=[recorder], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(module)
+    assert overflow.dtypes == {torch.float16}
+    assert module.optimizers().optimizer.step_count == 3 and scaler.get_scale() == 2.0**7
+
+    net = make_net(torch.float32)
+    opt = make_optimizer(net.parameters(), "sam", rho=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    reference = Overflowing(at=9)
+    step = fm.TrainStep(net, opt, reference, autocast_dtype=torch.float16, max_grad_norm=1.0,
+                        scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    want, skipped = [], []
+    for i in range(0, 16, 4):
+        skipped.append(step(batches[i:i + 4]).skipped)
+        sched.step()  # Lightning counts the skipped step in global_step and steps the scheduler
+        want.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    assert skipped == [False, True, False, False] and t.global_step == 4
+    assert_states_equal(recorder.states, want, atol=1e-6)
+    for name, _ in module.net.named_parameters():  # the skipped step moved no weight
+        assert torch.equal(recorder.states[1][name], recorder.states[0][name])
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"method": "no-such-method"}, "method name"),
     ({"accumulate": 0}, "accumulate"),

@@ -155,6 +155,21 @@ class TrainStep:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv_scale.to(device))
             found_inf.add_(flag.to(found_inf.device))
 
+    def _rescale(self, found_inf: Tensor) -> None:
+        """Multiply the descent gradient back by the scale; make it non-finite where a pass was."""
+        grads = [p.grad for p in self.optimizer.all_params_with_grad()]
+        if not grads:
+            return
+        scale = self.scaler._scale
+        # +inf where a pass overflowed, else 0 (no host sync).
+        poison = torch.where(found_inf > 0, float("inf"), 0.0).reshape(())
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, group in by_device.items():
+            torch._foreach_mul_(group, scale.to(device).reshape(()))
+        grads[0].add_(poison.to(grads[0].device, grads[0].dtype))
+
     # -- one pass ----------------------------------------------------------------------------
     def _run_pass(self, request: Pass, micro_batches: Sequence[Any], found_inf: Optional[Tensor]) -> Tensor:
         n = len(micro_batches)
@@ -245,10 +260,25 @@ class TrainStep:
         """Every pass of one step over ``micro_batches``, without the update: the descent gradient
         is left in ``.grad``, the weights are at ``w`` and the running statistics follow ``bn``;
         ``optimizer.step()`` (no closure) completes the step. For loops that clip and step the
-        optimizer themselves (the HF Trainer integration); returns the clean loss. AMP scaling is
-        not handled here (use ``__call__`` with a scaler)."""
-        check("scaler", not self._amp, "a GradScaler", "None: passes() leaves unscaling and the step to the caller")
-        return self._passes(self._check(micro_batches), None)
+        optimizer themselves (the HF Trainer, Lightning and Accelerate integrations); returns the
+        clean loss.
+
+        With an fp16 ``scaler`` the descent gradient is left *scaled*, as one
+        ``scaler.scale(loss).backward()`` would leave it, so the caller's own
+        ``scaler.unscale_`` / ``scaler.step`` / ``scaler.update`` work unchanged: every pass is
+        still unscaled right after it (ε needs true gradients), the result is multiplied back by the
+        scale (a power of two: exact), and an inf/NaN found in any pass, on any rank, is carried into
+        it so that ``scaler.step`` skips the step (the method's uncommitted state is dropped by the
+        next step)."""
+        micro_batches = self._check(micro_batches)
+        if not self._amp:
+            return self._passes(micro_batches, None)
+        found_inf = torch.zeros(1, device=next(self.model.parameters()).device)
+        loss = self._passes(micro_batches, found_inf)
+        if _distributed():
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+        self._rescale(found_inf)
+        return loss
 
     def __call__(self, micro_batches: Sequence[Any]) -> StepResult:
         micro_batches = self._check(micro_batches)

@@ -17,9 +17,10 @@ clean pass over the window, the perturbed passes on its last micro-batch or on a
 ``accelerator.clip_grad_norm_`` and ``optimizer.step()`` (the prepared optimizer: it restores
 ``w`` and runs the base update) and ``zero_grad()`` follow. ``accelerator.accumulate`` and
 ``accelerator.backward`` are not used: a method needs several passes per window, which they do
-not model. fp16 (``mixed_precision="fp16"``) is refused: Accelerate's scaler unscales once per
-step, the engine needs every pass unscaled (use bf16, or :class:`~flatminima.TrainStep` with a
-``GradScaler``).
+not model. Under fp16 (``mixed_precision="fp16"``) the engine scales every pass with the
+accelerator's ``GradScaler``, unscales it right after (ε needs true gradients) and hands the
+descent gradient back scaled, so ``clip_grad_norm_`` and the prepared optimizer's ``step`` unscale,
+clip and skip an overflowing step as usual.
 """
 
 from __future__ import annotations
@@ -43,13 +44,11 @@ class AccelerateStep:
         flat = _flat(optimizer)
         check("optimizer", isinstance(flat, FlatOptimizer), type(optimizer).__name__,
               "a flatminima method (e.g. fm.SAM(base, rho=0.05)), prepared by the accelerator or not")
-        check("mixed_precision", accelerator.mixed_precision != "fp16", accelerator.mixed_precision,
-              "'no' or 'bf16' (fp16 needs every pass unscaled: use fm.TrainStep with a GradScaler)")
         if max_grad_norm is not None:
             check("max_grad_norm", max_grad_norm > 0, max_grad_norm, "None or a float > 0")
         self.accelerator, self.model, self.optimizer, self.max_grad_norm = accelerator, model, optimizer, max_grad_norm
         self.loss_fn = loss_fn
-        self.engine = TrainStep(model, flat, self._loss, accumulation=accumulation, bn=bn)
+        self.engine = TrainStep(model, flat, self._loss, accumulation=accumulation, bn=bn, scaler=accelerator.scaler)
         self.window: list[Any] = []
         self.loss: Optional[torch.Tensor] = None  # the last window's clean loss
 

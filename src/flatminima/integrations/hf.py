@@ -27,9 +27,10 @@ methods and installs a callback):
   ``flat/strength``.
 
 Each micro-batch's loss is the model's mean loss (``compute_loss`` without ``num_items_in_batch``):
-with equal micro-batches this is the Trainer's normalization. Supported: fp32 and bf16
-(``bf16=True``), DDP; refused with a clear error before training: fp16 (the engine unscales every
-pass itself, which the Trainer's scaler does not allow) and DeepSpeed.
+with equal micro-batches this is the Trainer's normalization. Supported: fp32, bf16 (``bf16=True``),
+fp16 (``fp16=True``: every pass is scaled by the Trainer's ``GradScaler`` and unscaled right after
+it, and the descent gradient is handed back scaled, so the Trainer's own unscale, clipping and
+overflow skip run as usual; :meth:`flatminima.TrainStep.passes`), DDP.
 """
 
 from __future__ import annotations
@@ -109,7 +110,6 @@ class FlatMinimaMixin:
         super().__init__(*args, **kwargs)
         check("gradient_accumulation_steps", self.args.gradient_accumulation_steps >= 1,
               self.args.gradient_accumulation_steps, "an int >= 1")
-        check("fp16", not self.args.fp16, True, "False: use bf16=True (the engine unscales each pass itself)")
         check("deepspeed", not self.args.deepspeed, self.args.deepspeed, "None: DeepSpeed is not supported yet")
         self.flat_method, self.flat_hyperparameters = method.method_name, hyper
         self.flat_accumulation, self.flat_bn = flat_accumulation, flat_bn
@@ -157,7 +157,7 @@ class FlatMinimaMixin:
             return torch.zeros((), device=self.args.device)
         window, self._flat_window = self._flat_window, []
         step = TrainStep(model, _flat(self.optimizer), self._flat_loss, accumulation=self.flat_accumulation,
-                         bn=self.flat_bn)
+                         bn=self.flat_bn, scaler=self.accelerator.scaler)
         return step.passes(window).detach()
 
 

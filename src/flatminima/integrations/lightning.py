@@ -25,9 +25,10 @@ step. The last batch of an epoch closes a shorter window (as Lightning's own acc
 ``configure_optimizers`` step after every optimizer step (``interval="step"``) or at the end of each
 training epoch (``"epoch"``, Lightning's default), every ``frequency`` of them.
 
-Precision: ``"32-true"``, ``"64-true"`` and ``"bf16-mixed"`` (the autocast Lightning puts around
-``training_step`` covers every pass). ``"16-mixed"`` (fp16 with a ``GradScaler``) is refused: use
-``flatminima.TrainStep`` with a scaler in your own loop. Strategies: single device, ``"ddp"`` and
+Precision: ``"32-true"``, ``"64-true"``, ``"bf16-mixed"`` and ``"16-mixed"`` (the autocast Lightning
+puts around ``training_step`` covers every pass; under fp16 every pass is scaled by the precision
+plugin's ``GradScaler`` and unscaled right after it, and the descent gradient is handed back scaled,
+so Lightning's own unscale, clipping and overflow skip run as usual). Strategies: single device, ``"ddp"`` and
 ``"ddp_spawn"`` (passes that only feed a per-rank perturbation run without gradient sync; the
 descent pass syncs once).
 """
@@ -99,9 +100,9 @@ class FlatMinimaModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is not None:
             precision = str(trainer.precision)
-            check("Trainer precision", precision in ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true"),
-                  precision, "'32-true', '64-true' or 'bf16-mixed' (fp16 needs a GradScaler: use "
-                  "flatminima.TrainStep with scaler= in your own loop)")
+            check("Trainer precision",
+                  precision in ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true", "16-mixed"),
+                  precision, "'32-true', '64-true', 'bf16-mixed' or '16-mixed'")
             strategy = type(trainer.strategy).__name__
             check("Trainer strategy", strategy in ("SingleDeviceStrategy", "DDPStrategy"), strategy,
                   "a single device, 'ddp' or 'ddp_spawn'")
@@ -150,8 +151,10 @@ class FlatMinimaModule(pl.LightningModule):
                 prepare_for_backward(ddp, loss)
             return loss
 
+        # fp16 ("16-mixed"): the precision plugin's scaler scales our passes; it unscales and steps.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return TrainStep(ddp if ddp is not None else self, opt, loss_fn, accumulation=self.accumulation,
-                         bn=self.bn, max_grad_norm=self.max_grad_norm)
+                         bn=self.bn, max_grad_norm=self.max_grad_norm, scaler=scaler)
 
     def on_fit_start(self) -> None:
         self._window, self._engine = [], None
