@@ -176,3 +176,153 @@ def test_rejects_bad_configuration():
         lets.step(model.closure(), None)
     with pytest.raises(ValueError, match="val_closure"):
         lets.step(model.closure(), lambda: None)
+
+
+# -- LETS through TrainStep: accumulation, AMP, DDP -------------------------------------------------
+
+def _mlp(bn: bool = False):
+    """(BatchNorm in training mode makes micro-batches differ from their concatenation: off for the
+    comparisons.)"""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8) if bn else nn.Identity(), nn.Tanh(),
+                         nn.Linear(8, 1)).double()
+
+
+def _batches(seed: int, n: int = 4, rows: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 5, generator=g, dtype=torch.float64), torch.randn(rows, 1, generator=g, dtype=torch.float64))
+            for _ in range(n)]
+
+
+def _mse(model, batch):
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def _cat(batches):
+    return tuple(torch.cat(parts) for parts in zip(*batches))
+
+
+def _closure_for(model, batch):
+    def closure(backward=True):
+        loss = _mse(model, batch)
+        if backward:
+            loss.backward()
+        return loss.detach()
+    return closure
+
+
+def _sam(model, **kw):
+    return fm.SAM(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), rho=0.05, **kw)
+
+
+@pytest.mark.parametrize("scaler", [False, True])
+def test_train_step_equals_the_closure_form(scaler):
+    """Over 3 steps, 4 micro-batches with ``accumulation="full"`` equal one closure step on their
+    concatenation (float64; a GradScaler scales by powers of two, exactly); the strength moves."""
+    m1, m2 = _mlp(), _mlp()
+    l1 = LETS(_sam(m1), lr=0.5, model=m1)
+    l2 = LETS(_sam(m2), lr=0.5)
+    amp = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaler else None
+    engine = fm.TrainStep(m2, l2.optimizer, _mse, accumulation="full", bn="all", scaler=amp)
+    for t in range(3):
+        train, val = _batches(t), _batches(100 + t)
+        l1.step(_closure_for(m1, _cat(train)), _closure_for(m1, _cat(val)))
+        result = l2.train_step(engine, train, val)
+        assert result.skipped is (False if scaler else None)
+        assert l2.strength == pytest.approx(l1.strength, rel=1e-9, abs=1e-15)
+        assert l2.statistics["gap"] == pytest.approx(l1.statistics["gap"], rel=1e-9)
+        for a, b in zip(m2.state_dict().values(), m1.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert l2.strength != 0.05 and l2.optimizer.step_count == 3
+
+
+def test_train_step_leaves_the_strength_on_an_amp_skipped_step():
+    from helpers import InfGrad
+
+    model = _mlp()
+    lets = LETS(_sam(model), lr=0.5)
+    calls = {"n": 0, "at": -1}
+
+    def loss_fn(m, batch):
+        loss = _mse(m, batch)
+        if calls["n"] == calls["at"]:
+            loss = loss + 0.0 * InfGrad.apply(next(m.parameters())).sum()
+        calls["n"] += 1
+        return loss
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    engine = fm.TrainStep(model, lets.optimizer, loss_fn, scaler=scaler)
+    # Calls per update with 2 micro-batches: probe 0-2 (clean, clean, perturbed), real step 3-5,
+    # L_val 6-7, L_tr 8-9. An overflow in the probe or at w⁺ keeps the strength (the step is taken);
+    # one in the real step skips it.
+    for at, skipped, count in ((2, False, 1), (3, True, 1), (6, False, 2), (9, False, 3), (-1, False, 4)):
+        calls["n"], calls["at"] = 0, at
+        before, params = lets.strength, [p.detach().clone() for p in model.parameters()]
+        result = lets.train_step(engine, _batches(at, n=2), _batches(50, n=2))
+        assert calls["n"] == (6 if at in (2, 3) else 10)  # no passes at w⁺ after an overflow
+        assert result.skipped is skipped
+        assert (lets.strength == before) is (at != -1)
+        assert lets.optimizer.step_count == count
+        moved = any(not torch.equal(a, b) for a, b in zip(params, model.parameters()))
+        assert moved is not skipped
+
+
+def test_train_step_refuses_an_engine_of_another_optimizer():
+    model = _mlp()
+    lets = LETS(_sam(model), lr=0.5)
+    other = fm.TrainStep(model, _sam(model), _mse)
+    with pytest.raises(ValueError, match="engine"):
+        lets.train_step(other, _batches(0), _batches(1))
+
+
+def _ddp_worker(rank, world, store, out, names):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        model = _mlp()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        lets = LETS(_sam(model, sync_perturbation=True), lr=0.5)
+        engine = fm.TrainStep(ddp, lets.optimizer, _mse, bn="all")
+        strengths = []
+        for t in range(3):
+            train, val = _batches(t, n=1, rows=12), _batches(100 + t, n=1, rows=12)
+            mine = [(x[rank::world], y[rank::world]) for x, y in train]
+            lets.train_step(engine, mine, [(x[rank::world], y[rank::world]) for x, y in val])
+            strengths.append(lets.strength)
+        torch.save({"strengths": strengths, "weights": [p.detach() for p in model.parameters()]},
+                   os.path.join(out, f"rank{rank}.pt"))
+    except BaseException:
+        import traceback
+        from pathlib import Path
+
+        Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+def test_train_step_under_ddp_learns_one_strength_equal_to_one_process(tmp_path):
+    """2 gloo ranks on half batches with a shared ε: every rank learns the same strength (the
+    hypergradient averaged over ranks), equal to one process on the whole batches, and so are the
+    weights."""
+    from helpers import spawn_ranks
+
+    got = spawn_ranks(_ddp_worker, tmp_path, 2, [], 120)
+    model = _mlp()
+    lets = LETS(_sam(model, sync_perturbation=True), lr=0.5)
+    engine = fm.TrainStep(model, lets.optimizer, _mse, bn="all")
+    want = []
+    for t in range(3):
+        lets.train_step(engine, _batches(t, n=1, rows=12), _batches(100 + t, n=1, rows=12))
+        want.append(lets.strength)
+    assert got[0]["strengths"] == got[1]["strengths"]
+    assert want[-1] != 0.05
+    for rank in got:
+        assert rank["strengths"] == pytest.approx(want, rel=1e-9)
+        for a, b in zip(rank["weights"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)

@@ -170,6 +170,15 @@ class TrainStep:
             torch._foreach_mul_(group, scale.to(device).reshape(()))
         grads[0].add_(poison.to(grads[0].device, grads[0].dtype))
 
+    def _backward(self, loss: Tensor, request: Pass, last: bool) -> None:
+        """Accumulate ``loss``'s gradient into ``.grad`` (DDP all-reduces it unless under
+        ``no_sync``). ``last``: the pass's last micro-batch."""
+        loss.backward()
+
+    def _sync_group(self) -> Optional[Any]:
+        """The process group forward-only synced passes average their loss over (None: one process)."""
+        return _data_parallel_group(self.model)
+
     # -- one pass ----------------------------------------------------------------------------
     def _run_pass(self, request: Pass, micro_batches: Sequence[Any], found_inf: Optional[Tensor]) -> Tensor:
         n = len(micro_batches)
@@ -203,7 +212,7 @@ class TrainStep:
                     weighted = loss if request.loss_weight == 1.0 else loss * request.loss_weight
                     if penalty is not None:
                         weighted = weighted + penalty
-                    (self.scaler.scale(weighted) if self._amp else weighted).backward()
+                    self._backward(self.scaler.scale(weighted) if self._amp else weighted, request, last)
             # Sum in at least float32 (an fp16/bf16 loss under autocast), never below the loss's own
             # precision: float64 losses stay float64 (probe choices, the returned clean loss).
             loss = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
@@ -212,7 +221,7 @@ class TrainStep:
             total = loss if total is None else total + loss
         if request.backward and self._amp:
             self._unscale(found_inf)
-        group = _data_parallel_group(self.model) if not request.backward and request.sync else None
+        group = self._sync_group() if not request.backward and request.sync else None
         if group is not None:
             # A forward-only pass that must sync (a loss the plan decides from, e.g. a random-search
             # candidate shared by all ranks): every rank gets the mean over ranks.
@@ -273,7 +282,7 @@ class TrainStep:
         micro_batches = self._check(micro_batches)
         if not self._amp:
             return self._passes(micro_batches, None)
-        found_inf = torch.zeros(1, device=next(self.model.parameters()).device)
+        found_inf = self._found_inf()
         loss = self._passes(micro_batches, found_inf)
         if _distributed():
             torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
@@ -282,11 +291,16 @@ class TrainStep:
 
     def __call__(self, micro_batches: Sequence[Any]) -> StepResult:
         micro_batches = self._check(micro_batches)
-        opt, scaler = self.optimizer, (self.scaler if self._amp else None)
-        device = next(self.model.parameters()).device
-        found_inf = torch.zeros(1, device=device) if scaler is not None else None
-        loss = self._passes(micro_batches, found_inf)
+        found_inf = self._found_inf()
+        return self._update(self._passes(micro_batches, found_inf), found_inf)
 
+    def _found_inf(self) -> Optional[Tensor]:
+        """The inf/NaN flag a step's passes OR into (None without AMP)."""
+        return torch.zeros(1, device=next(self.model.parameters()).device) if self._amp else None
+
+    def _update(self, loss: Tensor, found_inf: Optional[Tensor]) -> StepResult:
+        """After the passes: clip, and step (or, under AMP, let the scaler step or skip)."""
+        opt, scaler = self.optimizer, (self.scaler if self._amp else None)
         params = opt.all_params_with_grad()
         grad_norm = None
         if scaler is None:

@@ -15,12 +15,15 @@ family, ``epsilon`` for GA-SAM).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .optim import FlatOptimizer, _closure_runner, _is_real, check, check_int
+
+if TYPE_CHECKING:
+    from .engine import StepResult, TrainStep
 
 
 def _loss_value(loss: Any, name: str) -> float:
@@ -111,12 +114,13 @@ class LETS:
         for group in self.optimizer.param_groups:
             group[self.optimizer.strength_key] = value
 
-    def _buffers(self) -> list[tuple[Tensor, Tensor]]:
-        if self.model is None:
+    def _buffers(self, model: Optional[nn.Module] = None) -> list[tuple[Tensor, Tensor]]:
+        model = model if model is not None else self.model
+        if model is None:
             return []
         from .engine import _running_stat_buffers
 
-        return [(b, b.detach().clone()) for b in _running_stat_buffers(self.model)]
+        return [(b, b.detach().clone()) for b in _running_stat_buffers(model)]
 
     @staticmethod
     def _restore(snapshot: list[tuple[Tensor, Tensor]]) -> None:
@@ -136,8 +140,7 @@ class LETS:
         opt = self.optimizer
         if opt.step_count % self.update_every:
             return opt.step(closure)
-        s = self.strength
-        h = self.fd_step * (s if s > 0 else self.max_strength)
+        s, h = self.strength, self._fd_step()
         runner = _closure_runner(closure)
         before = self._buffers()
 
@@ -152,11 +155,7 @@ class LETS:
 
         # 2. The real step at s.
         loss = opt.run_plan(runner)
-        lr_of = {p: float(g["lr"]) for g in opt.param_groups for p in g["params"]}
-        with torch.no_grad():
-            # ∂w⁺/∂s = −η·(d(s + h) − d(s))/h, per tensor (zero where only one pass had a gradient).
-            direction = {p: (probe.pop(p, torch.zeros_like(g)) - g).mul_(-lr_of[p] / h) for p, g in self._grads().items()}
-            direction.update({p: d.mul_(-lr_of[p] / h) for p, d in probe.items()})
+        direction = self._direction(probe, h)
         opt.step()
         after = self._buffers()
 
@@ -173,8 +172,100 @@ class LETS:
             opt.zero_grad(set_to_none=True)
         finally:
             self._restore(after)
+        self._learn(s, val_loss - train_loss, direction, grads_val, grads_tr)
+        return loss
 
-        # 4. ∂Φ/∂s = (L_val − L_tr)·⟨∇L_val − ∇L_tr, ∂w⁺/∂s⟩ and the clipped step on s.
+    def train_step(self, engine: "TrainStep", micro_batches: Sequence[Any], val_batches: Sequence[Any]) -> "StepResult":
+        """The same update through :class:`flatminima.TrainStep` (gradient accumulation, AMP with a
+        ``GradScaler``, the BatchNorm policy, DDP): ``result = lets.train_step(step, micro_batches,
+        val_batches)``, with ``step = TrainStep(model, lets.optimizer, loss_fn, ...)``.
+
+        The probe at ``s + h`` runs the engine's passes over ``micro_batches`` (then discarded, the
+        running statistics put back); the real step is the engine's (clipping, AMP skip); ``L_tr``
+        and ``L_val`` at ``w⁺`` are the mean of ``loss_fn`` over ``micro_batches`` and
+        ``val_batches`` (under the engine's autocast, scaled and unscaled by its scaler). The direction
+        uses the unclipped descent gradients. An AMP-skipped step, or an overflow in any extra pass,
+        leaves the strength unchanged. Under DDP the hypergradient is averaged over the ranks, so every
+        rank learns the same strength (one scalar all-reduce).
+        """
+        from .engine import TrainStep
+
+        check("engine", isinstance(engine, TrainStep) and engine.optimizer is self.optimizer, type(engine).__name__,
+              "a flatminima.TrainStep built on this LETS's optimizer")
+        micro_batches, val_batches = engine._check(micro_batches), engine._check(val_batches)
+        opt = self.optimizer
+        if opt.step_count % self.update_every:
+            return engine(micro_batches)
+        s, h = self.strength, self._fd_step()
+        model = engine.model
+        before = self._buffers(model)
+
+        # 1. The engine's passes at s + h, discarded.
+        probe_inf = engine._found_inf()
+        self._set_strength(s + h)
+        try:
+            engine._passes(micro_batches, probe_inf)
+        finally:
+            opt.abort()
+            self._set_strength(s)
+            self._restore(before)
+        probe = {p: g.detach().clone() for p, g in self._grads().items()}
+
+        # 2. The real step at s: its passes, the direction from the unclipped gradient, the update.
+        found_inf = engine._found_inf()
+        loss = engine._passes(micro_batches, found_inf)
+        direction = self._direction(probe, h)
+        result = engine._update(loss, found_inf)
+        if result.skipped or (probe_inf is not None and bool(probe_inf.item())):
+            self.statistics = {"hypergradient": float("nan"), "gap": float("nan"), "strength": s}
+            return result
+        after = self._buffers(model)
+
+        # 3. L_val, ∇L_val and L_tr, ∇L_tr at w⁺.
+        try:
+            val_loss, grads_val = self._engine_gradients(engine, val_batches)
+            train_loss, grads_tr = self._engine_gradients(engine, micro_batches)
+        finally:
+            opt.zero_grad(set_to_none=True)
+            self._restore(after)
+        self._learn(s, val_loss - train_loss, direction, grads_val, grads_tr, group=engine._sync_group())
+        return result
+
+    # -- the pieces both forms share -------------------------------------------------------------
+    def _fd_step(self) -> float:
+        s = self.strength
+        return self.fd_step * (s if s > 0 else self.max_strength)
+
+    def _direction(self, probe: dict[Tensor, Tensor], h: float) -> dict[Tensor, Tensor]:
+        """``∂w⁺/∂s = −η·(d(s + h) − d(s))/h`` per tensor, in ``probe``'s buffers (zero where only
+        one pass had a gradient); ``.grad`` holds ``d(s)``."""
+        lr_of = {p: float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+        with torch.no_grad():
+            direction = {p: (probe.pop(p, torch.zeros_like(g)) - g).mul_(-lr_of[p] / h) for p, g in self._grads().items()}
+            direction.update({p: d.mul_(-lr_of[p] / h) for p, d in probe.items()})
+        return direction
+
+    def _engine_gradients(self, engine: "TrainStep", batches: list[Any]) -> tuple[float, dict[Tensor, Tensor]]:
+        """The mean loss over ``batches`` and its gradient, through the engine's loss, autocast and
+        scaler (unscaled; a non-finite gradient makes the hypergradient non-finite)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        scaler = engine.scaler if engine._amp else None
+        with torch.enable_grad():
+            for batch in batches:
+                with engine._autocast():
+                    loss = engine.loss_fn(engine.model, batch) / len(batches)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                total += float(loss.detach())
+        grads = self._grads()
+        if scaler is not None:
+            inverse = 1.0 / scaler.get_scale()
+            grads = {p: g * inverse for p, g in grads.items()}  # a power of two: exact
+        return total, grads
+
+    def _learn(self, s: float, gap: float, direction: dict[Tensor, Tensor], grads_val: dict[Tensor, Tensor],
+               grads_tr: dict[Tensor, Tensor], group: Optional[Any] = None) -> None:
+        """4. ``∂Φ/∂s = (L_val − L_tr)·⟨∇L_val − ∇L_tr, ∂w⁺/∂s⟩`` and the clipped step on s."""
         with torch.no_grad():
             terms = []
             for p, v in direction.items():
@@ -183,13 +274,15 @@ class LETS:
                     terms.append((g_val.double() * v.double()).sum())
                 if g_tr is not None:
                     terms.append(-(g_tr.double() * v.double()).sum())
+            derivative = torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64)
+            hypergradient = derivative * gap
+            if group is not None:  # each rank's own gap: the mean over ranks, so all learn one strength
+                torch.distributed.all_reduce(hypergradient, group=group)
+                hypergradient = hypergradient / torch.distributed.get_world_size(group)
             # One host read: the new strength is a Python float in param_groups.
-            derivative = float(torch.stack(terms).sum()) if terms else 0.0
-        gap = val_loss - train_loss
-        hypergradient = gap * derivative
+            hypergradient = float(hypergradient)
         new = s
         if math.isfinite(hypergradient):  # a diverged pass leaves the strength as it was
             new = min(max(s - self.lr * hypergradient, self.min_strength), self.max_strength)
             self._set_strength(new)
         self.statistics = {"hypergradient": hypergradient, "gap": gap, "strength": new}
-        return loss

@@ -30,7 +30,11 @@ Each micro-batch's loss is the model's mean loss (``compute_loss`` without ``num
 with equal micro-batches this is the Trainer's normalization. Supported: fp32, bf16 (``bf16=True``),
 fp16 (``fp16=True``: every pass is scaled by the Trainer's ``GradScaler`` and unscaled right after
 it, and the descent gradient is handed back scaled, so the Trainer's own unscale, clipping and
-overflow skip run as usual; :meth:`flatminima.TrainStep.passes`), DDP.
+overflow skip run as usual; :meth:`flatminima.TrainStep.passes`), DDP, and DeepSpeed ZeRO-1/2 in
+fp32 or bf16 (``deepspeed=config``): the Trainer's optimizer goes to DeepSpeed unwrapped, and each
+window runs through :class:`flatminima.integrations.deepspeed.DeepSpeedStep`, which hands the
+descent gradient to DeepSpeed's backward and step (``accelerator.backward``); DeepSpeed clips to
+``max_grad_norm`` and steps the scheduler.
 """
 
 from __future__ import annotations
@@ -80,8 +84,11 @@ class FlatMinimaCallback(TrainerCallback):
     """Adds the flatminima optimizer's last step statistics to the Trainer's logs (one host read
     per log)."""
 
+    def __init__(self, trainer: Optional["FlatMinimaMixin"] = None):
+        self.trainer = trainer
+
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
-        opt = _flat(optimizer)
+        opt = self.trainer.flat_optimizer if self.trainer is not None else _flat(optimizer)
         if logs is None or opt is None:
             return
         stats = {f"flat/{key}": float(value) for key, value in opt.statistics.items() if key != "step"}
@@ -110,11 +117,18 @@ class FlatMinimaMixin:
         super().__init__(*args, **kwargs)
         check("gradient_accumulation_steps", self.args.gradient_accumulation_steps >= 1,
               self.args.gradient_accumulation_steps, "an int >= 1")
-        check("deepspeed", not self.args.deepspeed, self.args.deepspeed, "None: DeepSpeed is not supported yet")
         self.flat_method, self.flat_hyperparameters = method.method_name, hyper
         self.flat_accumulation, self.flat_bn = flat_accumulation, flat_bn
         self._flat_window: list[Any] = []
-        self.callback_handler.callbacks.insert(0, FlatMinimaCallback())
+        self._flat_deepspeed: Any = None  # the DeepSpeedStep, built on the first window
+        self.callback_handler.callbacks.insert(0, FlatMinimaCallback(self))
+
+    @property
+    def flat_optimizer(self) -> Optional[FlatOptimizer]:
+        """The method (its ``statistics``, ``step_count``); None before training starts."""
+        if self._flat_deepspeed is not None:
+            return self._flat_deepspeed.optimizer
+        return _flat(self.optimizer)
 
     def _flat_max_steps(self) -> Optional[int]:
         """The number of optimizer steps the Trainer will take (its own rule: ``max_steps``, else
@@ -131,17 +145,20 @@ class FlatMinimaMixin:
         per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
         return math.ceil(self.args.num_train_epochs * per_epoch)
 
-    def create_optimizer(self, *args, **kwargs):
-        base = super().create_optimizer(*args, **kwargs)
-        if isinstance(base, FlatOptimizer):
-            return base
+    def _flat_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
         hyper = dict(self.flat_hyperparameters)
         total = self._flat_max_steps()
         if total is not None:
             hyper.setdefault("total_steps", total)
         if _methods.needs_model(self.flat_method):
-            hyper.setdefault("model", self.model)
-        self.optimizer = _methods.create(self.flat_method, base, **hyper)
+            hyper.setdefault("model", model)
+        return hyper
+
+    def create_optimizer(self, *args, **kwargs):
+        base = super().create_optimizer(*args, **kwargs)
+        if isinstance(base, FlatOptimizer) or self.is_deepspeed_enabled:
+            return base  # DeepSpeed takes the plain optimizer; the method runs in DeepSpeedStep
+        self.optimizer = _methods.create(self.flat_method, base, **self._flat_kwargs(self.model))
         self.optimizer.track_statistics()
         return self.optimizer
 
@@ -156,9 +173,22 @@ class FlatMinimaMixin:
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
         window, self._flat_window = self._flat_window, []
+        if self.is_deepspeed_enabled:
+            return self._flat_deepspeed_step(model, window)
         step = TrainStep(model, _flat(self.optimizer), self._flat_loss, accumulation=self.flat_accumulation,
                          bn=self.flat_bn, scaler=self.accelerator.scaler)
         return step.passes(window).detach()
+
+    def _flat_deepspeed_step(self, engine: Any, window: list[Any]) -> torch.Tensor:
+        from .deepspeed import DeepSpeedStep
+
+        if self._flat_deepspeed is None:
+            self._flat_deepspeed = DeepSpeedStep(
+                engine, self.flat_method, self._flat_loss, accumulation=self.flat_accumulation, bn=self.flat_bn,
+                start_step=self.state.global_step, **self._flat_kwargs(engine.module))
+            self._flat_deepspeed.optimizer.track_statistics()
+        # One DeepSpeed backward and step per window, at its boundary, undivided by the accumulation.
+        return self._flat_deepspeed(window, lambda loss: self.accelerator.backward(loss, scale_wrt_gas=False)).detach()
 
 
 class FlatMinimaTrainer(FlatMinimaMixin, Trainer):
