@@ -22,6 +22,7 @@ from torch import nn
 
 import flatminima as fm
 from flatminima.data import load_task
+from flatminima.methods import needs_model
 from flatminima.models import MLP
 
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks together)")
     parser.add_argument("--sync-perturbation", action="store_true", help="one ε for all ranks")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+    parser.add_argument("--lora", action="store_true",
+                        help="LoRA (PEFT, r 4) on the linear layers, the base frozen: for Flat-LoRA and SAM-LoRA")
     parser.add_argument("--hyper", type=json.loads, default={}, help='hyperparameters as JSON, e.g. \'{"rho": 0.1}\'')
     parser.add_argument("--out", help="save the final state dict here (rank 0)")
     args = parser.parse_args(argv)
@@ -49,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     data = load_task("digits")
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = MLP(data.x_train[0].numel(), data.num_classes, hidden=32).double().to(device)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
     if distributed and args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -58,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         fully_shard(model)
     elif distributed:
         model = nn.parallel.DistributedDataParallel(model)
-    opt = fm.create(args.method, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                    sync_perturbation=args.sync_perturbation, **args.hyper)
+    extra = {"model": model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model} \
+        if needs_model(args.method) else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fm.create(args.method, torch.optim.SGD(params, lr=0.05, momentum=0.9),
+                    sync_perturbation=args.sync_perturbation, **extra, **args.hyper)
     step = fm.TrainStep(model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
     gen = torch.Generator().manual_seed(0)
     for _ in range(args.steps):

@@ -46,14 +46,19 @@ def _fsdp2_available() -> bool:
 
 
 @pytest.mark.skipif(not _fsdp2_available(), reason="torch without FSDP2 (fully_shard)")
-@pytest.mark.parametrize("method", ["sam", "gasam", "mrwp", "randomsearchsam"])
+@pytest.mark.parametrize("method", ["sam", "gasam", "mrwp", "randomsearchsam", "flatlora"])
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, method):
     """FSDP2 reduce-scatters every gradient, so ε comes from the whole batch's gradient: the
     steps of one process on the whole batch, with norms over the DTensor shards; random noise is
     drawn whole and each rank keeps its chunk, random-search candidates are chosen from the
-    all-reduced loss."""
-    one = _run(tmp_path, 1, "--method", method, "--sync-perturbation")
-    two = _run(tmp_path, 2, "--method", method, "--fsdp", "--sync-perturbation")
+    all-reduced loss. Flat-LoRA (LoRA on every linear layer): the noisy weight is built inside the
+    layer's forward from the whole weight FSDP2 gathered, its row scale from the gathered factors."""
+    lora = ["--lora", "--hyper", '{"rho": 0.1}'] if method == "flatlora" else []
+    one = _run(tmp_path, 1, "--method", method, "--sync-perturbation", *lora)
+    two = _run(tmp_path, 2, "--method", method, "--fsdp", "--sync-perturbation", *lora)
+    if method == "flatlora":  # the noise mattered: not the steps of σ = 0
+        zero = _run(tmp_path, 1, "--method", method, "--sync-perturbation", "--lora", "--hyper", '{"rho": 0.0}')
+        assert any(not torch.allclose(zero[k], one[k], rtol=1e-6, atol=1e-8) for k in one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-10, atol=1e-12, msg=key)
 

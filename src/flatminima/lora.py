@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import _triton
+from ._functional import is_sharded
 from .methods import SAM, register
 from .optim import FlatOptimizer, MixGradient, Pass, Perturbation, check
 from .schedules import Cosine
@@ -48,6 +49,11 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 def _adapters(layer: nn.Module, adapter: Optional[str]) -> list[str]:
     names = list(layer.active_adapters) if adapter is None else [adapter]
     return [n for n in names if n in layer.lora_A or n in layer.lora_embedding_A]
+
+
+def _whole(t: Tensor) -> Tensor:
+    """``t``, or the full tensor of an FSDP2 (DTensor) shard (an all-gather: LoRA factors are small)."""
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def _factors(layer: nn.Module, name: str) -> tuple[Tensor, Tensor]:
@@ -100,14 +106,14 @@ def merged_weight(layer: nn.Module) -> Tensor:
     """``W' = W0 + Σ_a s_a·ΔW_a`` over the active adapters (``ΔW = BA`` for linear layers, PEFT's
     ``get_delta_weight`` for convolutions and embeddings), shaped like the base weight, in float32
     (float64 for a float64 base). A plain module: its weight."""
-    base = _base(layer).weight
+    base = _whole(_base(layer).weight)
     dtype = _reduction_dtype(base)
     w = base.to(dtype, copy=True)
     if layer is _base(layer) or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
         return w
     for name in _adapters(layer, None):
         if isinstance(_base(layer), nn.Linear):
-            a, b = _factors(layer, name)
+            a, b = map(_whole, _factors(layer, name))
             w.add_(b.to(dtype) @ a.to(dtype), alpha=float(layer.scaling[name]))
         else:
             w.add_(layer.get_delta_weight(name).to(dtype))
@@ -129,10 +135,10 @@ def _fused_factors(layer: nn.Module) -> Optional[tuple[Tensor, Tensor, float]]:
     if not names:
         return None
     if len(names) == 1:
-        a, b = _factors(layer, names[0])
+        a, b = map(_whole, _factors(layer, names[0]))
         factors = b, a, float(layer.scaling[names[0]])
     else:
-        pairs = [_factors(layer, n) for n in names]
+        pairs = [tuple(map(_whole, _factors(layer, n))) for n in names]
         factors = (torch.cat([b * float(layer.scaling[n]) for n, (_, b) in zip(names, pairs)], dim=1),
                    torch.cat([a for a, _ in pairs], dim=0), 1.0)
     return factors if _triton.row_norm_supported(base, factors[1].shape[0]) else None
@@ -226,11 +232,15 @@ class _RegeneratedWeight:
         return packed
 
 
-def _noisy_forward(module: nn.Module, scale: Tensor, seed: int, kernel: str) -> Callable[..., Tensor]:
+def _noisy_forward(module: nn.Module, make_scale: Callable[[], Tensor], seed: int,
+                   kernel: str) -> Callable[..., Tensor]:
     """``module``'s forward with its weight replaced by ``W + ε``, built from ``seed`` in the
-    forward and again in the backward (:class:`_RegeneratedWeight`); ``W`` is never written."""
-    weight = module.weight
-    recipe = _RegeneratedWeight(weight, scale, seed, kernel)
+    forward and again in the backward (:class:`_RegeneratedWeight`); ``W`` is never written.
+
+    ``W`` is read when the forward runs and the row scale ``make_scale()`` is computed at the
+    pass's first forward (then held for its other micro-batches): under FSDP2 that is when the
+    layer's weight is whole (unsharded for the forward, and again for the backward)."""
+    scale: Optional[Tensor] = None
 
     if isinstance(module, nn.Embedding):
         def op(ids, table):
@@ -244,9 +254,15 @@ def _noisy_forward(module: nn.Module, scale: Tensor, seed: int, kernel: str) -> 
             return module._conv_forward(x, w, module.bias)
 
     def forward(x: Tensor) -> Tensor:
+        nonlocal scale
+        weight = module.weight
+        if scale is None:
+            with torch.autocast(x.device.type, enabled=False):  # the scale in full precision, as specified
+                scale = make_scale()
         dtype = weight.dtype
         if torch.is_autocast_enabled(x.device.type) and not isinstance(module, nn.Embedding):
             dtype = torch.get_autocast_dtype(x.device.type)  # the dtype autocast would cast W to
+        recipe = _RegeneratedWeight(weight, scale, seed, kernel)
         recipe.noisy = noisy_weight(weight, scale, seed, dtype, kernel)
         try:
             with torch.autograd.graph.saved_tensors_hooks(recipe.pack, recipe.unpack):
@@ -280,6 +296,9 @@ class MergedWeightNoise(Perturbation):
 
     needs_clean_pass = False
     needs_clean_grad = False
+    # FSDP2: the noisy weight is built from the whole weight inside the layer's forward (and again in
+    # its backward), when FSDP2 has gathered it; the row scale's factors are gathered whole.
+    supports_sharded = True
 
     def __init__(self, model: nn.Module, noise: str = "flatlora", whole_model: bool = False, kernel: str = "auto"):
         check("noise", noise in ROW_SCALES, noise, f"one of {', '.join(ROW_SCALES)}")
@@ -308,9 +327,11 @@ class MergedWeightNoise(Perturbation):
         try:
             if sigma != 0.0:  # σ = 0 (the ramp's first step) is the base optimizer's step, bit for bit
                 for i, layer in enumerate(self.layers):
-                    scale = row_scale(layer, sigma, self.noise).reshape(-1)
-                    patches.append(_Patched(_base(layer), _noisy_forward(_base(layer), scale, opt.rng_seed(stream=i),
-                                                                          self.kernel)))
+                    def make_scale(layer=layer):
+                        return row_scale(layer, sigma, self.noise).reshape(-1)
+
+                    patches.append(_Patched(_base(layer), _noisy_forward(_base(layer), make_scale,
+                                                                          opt.rng_seed(stream=i), self.kernel)))
             yield Pass("perturbed", backward=True, sync=True, full_window=not combination.uses_clean)
         finally:
             for patch in reversed(patches):

@@ -628,7 +628,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         perturbation_ = perturbation or NoPerturbation()
         if any(F.is_sharded(p) for g in base.param_groups for p in g["params"]):
             check("base", perturbation_.sharded_ok(), f"{type(self).__name__} on FSDP2 (DTensor) parameters",
-                  "a method that runs on sharded parameters: every method but Flat-LoRA and parallel m-RWP")
+                  "a method that runs on sharded parameters: every method but parallel m-RWP (its noisy and "
+                  "clean ranks need different weights, which shared shards cannot hold)")
         # Everything is validated: from here on we may touch the base optimizer.
         self.perturbation = perturbation or NoPerturbation()
         self.combination = combination or PerturbedGradient()
