@@ -192,6 +192,22 @@ def test_bad_configuration_is_refused_before_training(tmp_path):
         == {"sigma": 0.02}
 
 
+def test_the_trainers_fsdp_is_refused_before_training(tmp_path):
+    """(The Trainer builds FSDP only in a distributed run on accelerators: its flag stands in.)"""
+    from flatminima.integrations.hf import FlatMinimaMixin
+
+    class ShardedTrainer(transformers.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.is_fsdp_enabled = True
+
+    class Flat(FlatMinimaMixin, ShardedTrainer):
+        pass
+
+    with pytest.raises(ValueError, match="Invalid fsdp.*fully_shard"):
+        Flat(model=_model(), args=_args(tmp_path), train_dataset=_examples(), flat_method="sam")
+
+
 def test_schedules_follow_the_trainers_epoch_rule(tmp_path):
     """Without max_steps the method's total_steps is the Trainer's own count of optimizer steps."""
     args = transformers.TrainingArguments(

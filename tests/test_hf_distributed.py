@@ -58,3 +58,4 @@ def test_trainer_under_deepspeed_zero1_bf16_matches_master_weight_updates(tmp_pa
     """bf16: the passes on bf16 weights, the update on DeepSpeed's fp32 master partitions, cast back."""
     _check(_run(tmp_path, "--backend", "deepspeed", "--zero", "1", "--bf16", "--methods", "sam", "--steps", "4"),
            ["sam"], 4, 1e-7)
+

@@ -34,7 +34,8 @@ overflow skip run as usual; :meth:`flatminima.TrainStep.passes`), DDP, and DeepS
 fp32 or bf16 (``deepspeed=config``): the Trainer's optimizer goes to DeepSpeed unwrapped, and each
 window runs through :class:`flatminima.integrations.deepspeed.DeepSpeedStep`, which hands the
 descent gradient to DeepSpeed's backward and step (``accelerator.backward``); DeepSpeed clips to
-``max_grad_norm`` and steps the scheduler.
+``max_grad_norm`` and steps the scheduler. Refused before training: the Trainer's FSDP (shard with
+``fully_shard`` in your own loop and use :class:`flatminima.TrainStep`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class FlatMinimaMixin:
         super().__init__(*args, **kwargs)
         check("gradient_accumulation_steps", self.args.gradient_accumulation_steps >= 1,
               self.args.gradient_accumulation_steps, "an int >= 1")
+        check("fsdp", not self.is_fsdp_enabled, "enabled",
+              "off: under the Trainer use DDP or DeepSpeed ZeRO-1/2; for FSDP2 shard the model with "
+              "torch.distributed.fsdp.fully_shard in a loop of your own and use flatminima.TrainStep "
+              "(examples/torchrun_ddp.py --fsdp)")
         self.flat_method, self.flat_hyperparameters = method.method_name, hyper
         self.flat_accumulation, self.flat_bn = flat_accumulation, flat_bn
         self._flat_window: list[Any] = []
