@@ -132,7 +132,7 @@ def test_fp16_trainer_matches_the_engine_and_skips_an_overflow(tmp_path):
     native autocast; CPU fp16 autocast is real)."""
     from accelerate.state import AcceleratorState
 
-    steps, examples = 6, _examples()
+    steps, examples = 4, _examples()
 
     class Overflowing(_InOrder):
         overflow = _Overflow(at=7)  # SAM: 5 passes per step (4 clean + 1 perturbed): step 2, clean pass 3

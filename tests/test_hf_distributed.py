@@ -49,13 +49,13 @@ deepspeed = pytest.mark.skipif(
 
 @deepspeed
 def test_trainer_under_deepspeed_zero2_matches_the_engine(tmp_path):
-    _check(_run(tmp_path, "--backend", "deepspeed", "--zero", "2", "--methods", "sam,mrwp,flatlora"),
-           ["sam", "mrwp", "flatlora"], 20, 1e-6)
+    _check(_run(tmp_path, "--backend", "deepspeed", "--zero", "2", "--methods", "sam,flatlora"),
+           ["sam", "flatlora"], 20, 1e-6)
 
 
 @deepspeed
 def test_trainer_under_deepspeed_zero1_bf16_matches_master_weight_updates(tmp_path):
     """bf16: the passes on bf16 weights, the update on DeepSpeed's fp32 master partitions, cast back."""
-    _check(_run(tmp_path, "--backend", "deepspeed", "--zero", "1", "--bf16", "--methods", "sam", "--steps", "4"),
-           ["sam"], 4, 1e-7)
+    _check(_run(tmp_path, "--backend", "deepspeed", "--zero", "1", "--bf16", "--methods", "sam", "--steps", "3"),
+           ["sam"], 3, 1e-7)
 

@@ -156,7 +156,7 @@ class TrainStep:
             found_inf.add_(flag.to(found_inf.device))
 
     def _rescale(self, found_inf: Tensor) -> None:
-        """Multiply the descent gradient back by the scale; make it non-finite where a pass was."""
+        """Multiply the descent gradient back by the scale; make it non-finite if any pass overflowed."""
         grads = [p.grad for p in self.optimizer.all_params_with_grad()]
         if not grads:
             return

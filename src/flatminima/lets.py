@@ -14,6 +14,7 @@ family, ``epsilon`` for GA-SAM).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -216,6 +217,9 @@ class LETS:
         loss = engine._passes(micro_batches, found_inf)
         direction = self._direction(probe, h)
         result = engine._update(loss, found_inf)
+        group = engine._sync_group()
+        if probe_inf is not None and group is not None:  # every rank must take the same branch
+            torch.distributed.all_reduce(probe_inf, op=torch.distributed.ReduceOp.MAX, group=group)
         if result.skipped or (probe_inf is not None and bool(probe_inf.item())):
             self.statistics = {"hypergradient": float("nan"), "gap": float("nan"), "strength": s}
             return result
@@ -228,7 +232,7 @@ class LETS:
         finally:
             opt.zero_grad(set_to_none=True)
             self._restore(after)
-        self._learn(s, val_loss - train_loss, direction, grads_val, grads_tr, group=engine._sync_group())
+        self._learn(s, val_loss - train_loss, direction, grads_val, grads_tr, group=group)
         return result
 
     # -- the pieces both forms share -------------------------------------------------------------
@@ -251,11 +255,14 @@ class LETS:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         scaler = engine.scaler if engine._amp else None
+        ddp = isinstance(engine.model, nn.parallel.DistributedDataParallel)
         with torch.enable_grad():
-            for batch in batches:
-                with engine._autocast():
-                    loss = engine.loss_fn(engine.model, batch) / len(batches)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            for i, batch in enumerate(batches):
+                # Under DDP the gradient is averaged once, on the last micro-batch.
+                with engine.model.no_sync() if ddp and i < len(batches) - 1 else contextlib.nullcontext():
+                    with engine._autocast():
+                        loss = engine.loss_fn(engine.model, batch) / len(batches)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += float(loss.detach())
         grads = self._grads()
         if scaler is not None:

@@ -26,8 +26,9 @@ gradient on the model's weights (which ZeRO-1/2 keep whole on every rank) before
    weights and steps its LR scheduler;
 4. the method's state is committed unless DeepSpeed skipped the step.
 
-Costs beyond DDP: one extra all-reduce of the trainable gradient per step (DeepSpeed's own
-reduction of the already averaged gradient), and one gradient-sized copy while it is handed over.
+Cost beyond DDP: one extra all-reduce of the trainable gradient per step (DeepSpeed's own
+reduction of the already averaged gradient). The hand-over scales the descent gradient in place, so
+it adds no buffer to what DeepSpeed allocates itself.
 Supported: ZeRO stages 1 and 2, fp32 and bf16. Refused with a clear error: stage 0 and 3 (stage 3
 partitions the weights themselves) and DeepSpeed's fp16 (its dynamic loss scaler would have to
 scale each pass; use bf16).
