@@ -186,6 +186,34 @@ def test_gasam_start_step():
     torch.testing.assert_close(model.flat().detach(), x - LR * model.A @ x, **TOL)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_gasam_does_not_perturb_a_group_whose_clean_gradient_is_zero(steps):
+    """LoRA's A factor while B = 0 has a zero clean gradient: T_A = √(n_A/n)/‖g_A‖ is undefined, and
+    a finite stand-in (1/1e-12) let the K = 2 ascent, where g_A is no longer zero, move A by ~1e12·η.
+    Such a group gets T = 0: A stays at w in every perturbed pass; B moves within ‖T⁻¹ε‖₂ ≤ ε."""
+    torch.manual_seed(0)
+    M, t, c = torch.randn(2, 3, dtype=torch.float64), 0.7, torch.randn(2, dtype=torch.float64)
+    a = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    seen = []
+
+    def closure():
+        seen.append((a.detach().clone(), b.detach().clone()))
+        loss = 0.5 * (b @ M @ a - t) ** 2 + 0.5 * (b - c).square().sum()
+        loss.backward()
+        return loss.detach()
+
+    a0 = a.detach().clone()
+    opt = fm.GASAM(torch.optim.SGD([a, b], lr=LR), epsilon=0.02, steps=steps, granularity="layer")
+    opt.step(closure)
+    assert len(seen) == steps + 1
+    g_b = (seen[0][1] - c).norm()  # ∂L/∂b at b = 0 is b − c = −c (the first term's factor b @ M @ a is 0)
+    T_b = math.sqrt(2 / 5) / g_b
+    for a_k, b_k in seen[1:]:
+        assert torch.equal(a_k, a0)
+        assert 0 < (b_k / T_b).norm() <= 0.02 * (1 + 1e-12)
+
+
 def test_multistep_sam_is_gasam_with_unit_scale():
     model, x = run("multistepsam", epsilon=0.05, steps=2)
     A = model.A

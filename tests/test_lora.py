@@ -288,10 +288,22 @@ class ConvEmbed(nn.Module):
         return self.fc(h.mean(-1))
 
 
+class PaddedConv2d(nn.Conv2d):
+    """A convolution subclass that pads in its own forward (as EfficientNet's static same padding)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
 class Conv2dNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1, self.c2, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, stride=2), nn.Linear(3, 3)
+        # c2 carries no adapter (PEFT's LoRA branch would not pad): whole_model noise covers it.
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 4, 3, padding=1), PaddedConv2d(4, 3, 3, stride=2), nn.Linear(3, 3)
 
     def forward(self, x):
         return self.fc(self.c2(torch.relu(self.c1(x))).mean((-1, -2)))

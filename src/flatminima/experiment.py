@@ -104,6 +104,27 @@ def _resnet_lora(data: Dataset, width: int = 16, blocks: Sequence[int] = (1, 1, 
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=convs))
 
 
+@register_model("efficientnet_lite0_lora")
+def _efficientnet_lite0_lora(data: Dataset, image_size: int = 64, r: int = 4, alpha: int = 8,
+                             pretrained: bool = True) -> nn.Module:
+    """The ImageNet EfficientNet-Lite0 (:func:`~flatminima.models.efficientnet_lite0`) on inputs
+    resized to ``image_size`` (grayscale repeated to RGB), with PEFT LoRA (rank ``r``) on every 1×1
+    convolution (expansion, projection, head; a row is an output channel) and the new head ``_fc``
+    trained in full; the rest of the pretrained backbone is frozen. (The stem and depthwise
+    convolutions pad in their own forward, which PEFT's LoRA branch would not.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from .models import ResizedInput, efficientnet_lite0
+
+    if not (isinstance(image_size, int) and image_size >= 32):
+        raise ValueError(f"Invalid image_size: {image_size!r} (expected an int >= 32)")
+    model = ResizedInput(efficientnet_lite0(data.num_classes, image_size, pretrained), image_size)
+    pointwise = [name for name, m in model.named_modules() if type(m) is nn.Conv2d]  # made plain: 1×1 ones
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=pointwise))
+    model.base_model.model.backbone._fc.requires_grad_(True)
+    return model
+
+
 def lora_classifier(backbone: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                     target_modules: Sequence[str] = ("query", "value"), save_head: bool = True) -> nn.Module:
     """``backbone`` (a Hugging Face sequence classifier) wrapped with a PEFT LoRA adapter on
@@ -515,6 +536,24 @@ def _preset_split_fashion() -> ExperimentConfig:
         continual={"strategies": ["finetune"], "hessian": ["trainable"]})
 
 
+def _preset_split_fashion_lora() -> ExperimentConfig:
+    """Split Fashion-MNIST (5 tasks of 2 classes, all 60,000 training and 10,000 test images) on the
+    pretrained EfficientNet-Lite0 (64 × 64 inputs) with LoRA (r 8) on its 1×1 convolutions and the
+    head trained: SGD, SAM, m-RWP and Flat-LoRA × sequential LoRA, O-LoRA and N-LoRA, 2 epochs per
+    task, 2 seeds, λ_max in the LoRA subspace after each task: for a GPU."""
+    return ExperimentConfig(
+        name="split_fashion_lora", task="split_fashion_mnist", model="efficientnet_lite0_lora",
+        model_options={"image_size": 64, "r": 8, "alpha": 16},
+        methods={"sgd": {}, "sam": {"rho": 0.05}, "mrwp": {"sigma": 0.015, "noisy_weight": 0.5},
+                 "flatlora": {"rho": 0.05}},
+        seeds=[0, 1], epochs=2, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, eval_every=47,
+        eval_batch_size=1000, device="cuda", out_dir="results/split_fashion_lora", diagnostics_samples=512,
+        continual={"strategies": ["seq-lora", "o-lora", "n-lora"],
+                   "strategy_options": {"o-lora": {"orth_weight": 0.5, "l2_weight": 0.0},
+                                        "n-lora": {"l1_weight": 1e-4}},
+                   "hessian": ["lora"], "hessian_options": {"tol": 1e-3}})
+
+
 def _preset_continual_quick() -> ExperimentConfig:
     """Split digits (5 tasks of 2 digits, bundled) on a LoRA ResNet (width 8, one block), SGD and
     SAM × sequential LoRA and O-LoRA, 2 epochs per task, λ_max after each task: seconds."""
@@ -561,7 +600,8 @@ def _preset_repro_text() -> ExperimentConfig:
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "quick": _preset_quick, "fashion": _preset_fashion, "fashion7": _preset_fashion7, "text": _preset_text,
     "full": _preset_full, "continual": _preset_continual, "continual_full": _preset_continual_full,
-    "split_fashion": _preset_split_fashion, "continual_quick": _preset_continual_quick,
+    "split_fashion": _preset_split_fashion, "split_fashion_lora": _preset_split_fashion_lora,
+    "continual_quick": _preset_continual_quick,
     "repro_fashion": _preset_repro_fashion, "repro_text": _preset_repro_text}
 
 #: Presets that run several experiments in turn, each into ``<out>/<its name>``.

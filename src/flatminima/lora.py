@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from . import _triton
 from ._functional import is_sharded
@@ -241,17 +240,18 @@ def _noisy_forward(module: nn.Module, make_scale: Callable[[], Tensor], seed: in
     pass's first forward (then held for its other micro-batches): under FSDP2 that is when the
     layer's weight is whole (unsharded for the forward, and again for the backward)."""
     scale: Optional[Tensor] = None
+    class_forward = type(module).forward
 
-    if isinstance(module, nn.Embedding):
-        def op(ids, table):
-            return F.embedding(ids, table, module.padding_idx, module.max_norm, module.norm_type,
-                               module.scale_grad_by_freq, module.sparse)
-    elif isinstance(module, nn.Linear):
-        def op(x, w):
-            return F.linear(x, w, module.bias)
-    else:
-        def op(x, w):
-            return module._conv_forward(x, w, module.bias)
+    def op(x: Tensor, w: Tensor) -> Tensor:
+        # The layer's own forward (a subclass's too: EfficientNet's static same-padding convolution
+        # pads before its conv) with ``w`` in the weight's slot for this call only; put back after.
+        params = module._parameters
+        weight = params["weight"]
+        params["weight"] = w
+        try:
+            return class_forward(module, x)
+        finally:
+            params["weight"] = weight
 
     def forward(x: Tensor) -> Tensor:
         nonlocal scale

