@@ -23,7 +23,6 @@ import sys
 import tempfile
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import flatminima as fm
@@ -161,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {sorted(HYPER)}")
 
-    train = examples(args.micro_batch * args.accumulation * int(os.environ.get("WORLD_SIZE", "1")) * 3)
+    if "WORLD_SIZE" not in os.environ:
+        parser.error("launch with torchrun (e.g. torchrun --nproc_per_node 2 ...; 1 process works too)")
+    rank = int(os.environ["RANK"])
+    train = examples(args.micro_batch * args.accumulation * int(os.environ["WORLD_SIZE"]) * 3)
     results, ok = {}, True
     for method in methods:
         windows, weights, trainer = run_trainer(args, method, train)
@@ -175,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             result.update(max_diff=max(diffs), moved=moved, windows=len(windows))
             ok &= len(weights) == len(want) == args.steps and max(diffs) <= args.tolerance
         results[method] = result
-        if dist.get_rank() == 0:
+        if rank == 0:
             print(f"{args.backend}{args.zero if args.backend == 'deepspeed' else ''} {method}: "
                   + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()),
                   flush=True)
-    if args.out and dist.get_rank() == 0:
+    if args.out and rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     return 0 if ok else 1
