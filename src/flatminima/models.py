@@ -2,7 +2,9 @@
 
 * :class:`MLP` and :class:`SmallCNN` (with BatchNorm) for digits / Fashion-MNIST on a CPU;
 * :func:`resnet18_cifar`: ResNet-18 in CIFAR geometry (3×3 stem, no max-pool; He et al. 2016);
-* :func:`vit_small_patch16`: ViT-S/16 (Dosovitskiy et al. 2021; 384 wide, 12 blocks, 6 heads).
+* :func:`vit_small_patch16`: ViT-S/16 (Dosovitskiy et al. 2021; 384 wide, 12 blocks, 6 heads);
+* :func:`efficientnet_lite0`: the ImageNet EfficientNet-Lite0 from its PyPI packages (the ``vision``
+  extra), with :class:`ResizedInput` for small grayscale images.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _plain_pointwise_convolutions(model: nn.Module) -> None:
                     and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
                     and _pads_nothing(getattr(conv, "static_padding", None))):
                 plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
-                plain.load_state_dict(conv.state_dict(), strict=False)
+                plain.load_state_dict(conv.state_dict())
                 setattr(parent, name, plain)
 
 
