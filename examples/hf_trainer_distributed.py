@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         windows, weights, trainer = run_trainer(args, method, train)
         flat = trainer.flat_optimizer
         result = {"steps": len(weights), "method_steps": flat.step_count,
-                  "loss": trainer.state.log_history[-1].get("train_loss")}
+                  "loss": trainer.state.log_history[-1].get("train_loss"),
+                  "flat_logs": sum("flat/strength" in log for log in trainer.state.log_history)}
         if args.check:
             want = replay(args, method, windows)
             diffs = [max((a - b).abs().max().item() for a, b in zip(got, ref)) for got, ref in zip(weights, want)]

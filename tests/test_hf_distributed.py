@@ -36,6 +36,7 @@ def _check(results: dict, methods: list[str], steps: int, tolerance: float) -> N
         assert r["steps"] == r["method_steps"] == r["windows"] == steps, (method, r)
         assert r["max_diff"] <= tolerance, (method, r)
         assert r["moved"] > 100 * tolerance, (method, r)  # the comparison is not of unmoved weights
+        assert r["flat_logs"] >= 1, (method, r)  # the method's statistics reached the Trainer's logs
 
 
 def test_trainer_under_torchrun_ddp_matches_the_engine(tmp_path):
