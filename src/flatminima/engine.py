@@ -144,31 +144,30 @@ class TrainStep:
         # Looked up at every step: ``model.to(...)``/``.half()`` replace buffer tensors (not parameters).
         return [(b, b.detach().clone()) for b in _running_stat_buffers(self.model)]
 
-    def _unscale(self, found_inf: Tensor) -> None:
-        """Unscale this pass's gradients in place, OR-ing inf/NaN into ``found_inf``."""
-        inv_scale = self.scaler._scale.double().reciprocal().float()
+    def _grads_by_device(self) -> dict[torch.device, list[Tensor]]:
         by_device: dict[torch.device, list[Tensor]] = {}
         for p in self.optimizer.all_params_with_grad():
             by_device.setdefault(p.grad.device, []).append(p.grad)
-        for device, grads in by_device.items():
+        return by_device
+
+    def _unscale(self, found_inf: Tensor) -> None:
+        """Unscale the gradients in ``.grad`` in place, OR-ing inf/NaN into ``found_inf``."""
+        inv_scale = self.scaler._scale.double().reciprocal().float()
+        for device, grads in self._grads_by_device().items():
             flag = torch.zeros(1, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv_scale.to(device))
             found_inf.add_(flag.to(found_inf.device))
 
     def _rescale(self, found_inf: Tensor) -> None:
         """Multiply the descent gradient back by the scale; make it non-finite if any pass overflowed."""
-        grads = [p.grad for p in self.optimizer.all_params_with_grad()]
-        if not grads:
+        by_device = self._grads_by_device()
+        if not by_device:
             return
-        scale = self.scaler._scale
-        # +inf where a pass overflowed, else 0 (no host sync).
-        poison = torch.where(found_inf > 0, float("inf"), 0.0).reshape(())
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for device, group in by_device.items():
-            torch._foreach_mul_(group, scale.to(device).reshape(()))
-        grads[0].add_(poison.to(grads[0].device, grads[0].dtype))
+        for device, grads in by_device.items():
+            torch._foreach_mul_(grads, self.scaler._scale.to(device).reshape(()))
+        # +inf into one entry where a pass overflowed, else 0 (no host sync).
+        first = next(iter(by_device.values()))[0]
+        first.add_(torch.where(found_inf > 0, float("inf"), 0.0).reshape(()).to(first.device, first.dtype))
 
     def _backward(self, loss: Tensor, request: Pass, last: bool) -> None:
         """Accumulate ``loss``'s gradient into ``.grad`` (DDP all-reduces it unless under

@@ -251,10 +251,9 @@ class LETS:
 
     def _engine_gradients(self, engine: "TrainStep", batches: list[Any]) -> tuple[float, dict[Tensor, Tensor]]:
         """The mean loss over ``batches`` and its gradient, through the engine's loss, autocast and
-        scaler (unscaled; a non-finite gradient makes the hypergradient non-finite)."""
+        scaler (unscaled by the engine; a non-finite gradient makes the hypergradient non-finite)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        scaler = engine.scaler if engine._amp else None
+        total = None
         ddp = isinstance(engine.model, nn.parallel.DistributedDataParallel)
         with torch.enable_grad():
             for i, batch in enumerate(batches):
@@ -262,13 +261,11 @@ class LETS:
                 with engine.model.no_sync() if ddp and i < len(batches) - 1 else contextlib.nullcontext():
                     with engine._autocast():
                         loss = engine.loss_fn(engine.model, batch) / len(batches)
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                total += float(loss.detach())
-        grads = self._grads()
-        if scaler is not None:
-            inverse = 1.0 / scaler.get_scale()
-            grads = {p: g * inverse for p, g in grads.items()}  # a power of two: exact
-        return total, grads
+                    (engine.scaler.scale(loss) if engine._amp else loss).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+        if engine._amp:
+            engine._unscale(engine._found_inf())  # inf/NaN stay in the gradient
+        return float(total), self._grads()
 
     def _learn(self, s: float, gap: float, direction: dict[Tensor, Tensor], grads_val: dict[Tensor, Tensor],
                grads_tr: dict[Tensor, Tensor], group: Optional[Any] = None) -> None:

@@ -106,9 +106,12 @@ class _Passes(TrainStep):
 
     def _backward(self, loss: Tensor, request: Pass, last: bool) -> None:
         grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-        for p, g in zip(self._params, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        fresh = [(p, g) for p, g in zip(self._params, grads) if g is not None and p.grad is None]
+        for p, g in fresh:
+            p.grad = g
+        later = [(p.grad, g) for p, g in zip(self._params, grads) if g is not None and p.grad is not g]
+        if later:  # micro-batches after the first: one foreach add, as autograd's own accumulation
+            torch._foreach_add_(*map(list, zip(*later)))
         if last and request.sync and _distributed() and torch.distributed.get_world_size() > 1:
             _all_reduce_mean([p.grad for p in self._params if p.grad is not None])
 
