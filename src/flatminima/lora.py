@@ -100,47 +100,82 @@ def _reduction_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _unmerged(layer: nn.Module, base: nn.Module) -> list[str]:
+    """The active adapters whose delta is not yet in the base weight: none for a plain module, a
+    merged layer or one with its adapters disabled."""
+    if layer is base or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return []
+    return _adapters(layer, None)
+
+
+def _linear_factors(layer: nn.Module, names: list[str]) -> list[tuple[Tensor, Tensor, float]]:
+    """``(B, A, s)`` per adapter of a linear LoRA layer, whole (FSDP2 shards gathered)."""
+    out = []
+    for name in names:
+        a, b = map(_whole, _factors(layer, name))
+        out.append((b, a, float(layer.scaling[name])))
+    return out
+
+
+def _merged(layer: nn.Module, base: nn.Module, names: list[str], dtype: torch.dtype) -> Tensor:
+    """``W0 + Σ_a s_a·ΔW_a`` in ``dtype`` as a new tensor (call under ``no_grad``)."""
+    w = _whole(base.weight)
+    if not isinstance(base, nn.Linear):
+        w = w.to(dtype, copy=True)
+        for name in names:
+            w.add_(layer.get_delta_weight(name).to(dtype))
+        return w
+    if not names:
+        return w.to(dtype, copy=True)
+    for i, (b, a, s) in enumerate(_linear_factors(layer, names)):  # one addmm per adapter: W + s·B·A
+        w = torch.addmm(w.to(dtype) if i == 0 else w, b.to(dtype), a.to(dtype), alpha=s)
+    return w
+
+
 @torch.no_grad()
 def merged_weight(layer: nn.Module) -> Tensor:
     """``W' = W0 + Σ_a s_a·ΔW_a`` over the active adapters (``ΔW = BA`` for linear layers, PEFT's
     ``get_delta_weight`` for convolutions and embeddings), shaped like the base weight, in float32
     (float64 for a float64 base). A plain module: its weight."""
-    base = _whole(_base(layer).weight)
-    dtype = _reduction_dtype(base)
-    w = base.to(dtype, copy=True)
-    if layer is _base(layer) or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
-        return w
-    for name in _adapters(layer, None):
-        if isinstance(_base(layer), nn.Linear):
-            a, b = map(_whole, _factors(layer, name))
-            w.add_(b.to(dtype) @ a.to(dtype), alpha=float(layer.scaling[name]))
-        else:
-            w.add_(layer.get_delta_weight(name).to(dtype))
-    return w
+    base = _base(layer)
+    return _merged(layer, base, _unmerged(layer, base), _reduction_dtype(base.weight))
 
 
 #: Row-wise noise scales ``S`` of the merged weight (seed 000): one value per output row.
 ROW_SCALES = ("flatlora", "filter", "matrix", "uniform")
 
 
-def _fused_factors(layer: nn.Module) -> Optional[tuple[Tensor, Tensor, float]]:
+def _fused_factors(layer: nn.Module, base: nn.Module, names: list[str]) -> Optional[tuple[Tensor, Tensor, float]]:
     """``(B, A, s)`` with ``W' = W0 + s·B·A`` for the fused row-norm kernel (CUDA, a linear LoRA
-    layer with its adapters unmerged; several adapters are stacked along the rank), else None."""
-    base = _base(layer).weight
-    if (layer is _base(layer) or not isinstance(_base(layer), nn.Linear) or getattr(layer, "merged", False)
-            or getattr(layer, "disable_adapters", False) or base.dtype == torch.float64):
+    layer with unmerged adapters ``names``; several adapters are stacked along the rank), else None."""
+    weight = base.weight
+    if not names or not isinstance(base, nn.Linear) or weight.dtype == torch.float64 or not weight.is_cuda:
         return None
-    names = _adapters(layer, None)
-    if not names:
-        return None
-    if len(names) == 1:
-        a, b = map(_whole, _factors(layer, names[0]))
-        factors = b, a, float(layer.scaling[names[0]])
+    factors = _linear_factors(layer, names)
+    if len(factors) == 1:
+        fused = factors[0]
     else:
-        pairs = [tuple(map(_whole, _factors(layer, n))) for n in names]
-        factors = (torch.cat([b * float(layer.scaling[n]) for n, (_, b) in zip(names, pairs)], dim=1),
-                   torch.cat([a for a, _ in pairs], dim=0), 1.0)
-    return factors if _triton.row_norm_supported(base, factors[1].shape[0]) else None
+        fused = (torch.cat([b * s for b, _, s in factors], dim=1), torch.cat([a for _, a, _ in factors], dim=0), 1.0)
+    return fused if _triton.row_norm_supported(weight, fused[1].shape[0]) else None
+
+
+def _row_scale(layer: nn.Module, base: nn.Module, sigma: float, noise: str) -> Tensor:
+    """:func:`row_scale` for a layer whose base module is resolved (call under ``no_grad``)."""
+    weight = base.weight
+    rows, dtype = weight.shape[0], _reduction_dtype(weight)
+    if noise == "uniform":
+        return torch.full((rows, 1), float(sigma), dtype=dtype, device=weight.device)
+    factor = sigma / math.sqrt(weight.numel() // rows) if noise == "flatlora" else sigma
+    names = _unmerged(layer, base)
+    if noise != "matrix":
+        fused = _fused_factors(layer, base, names)
+        if fused is not None:
+            return _triton.merged_row_norms(weight, *fused, factor).reshape(rows, 1)
+    # A plain module's (or a merged layer's) norms are read from its weight without a copy.
+    w = (_merged(layer, base, names, dtype) if names else _whole(weight)).reshape(rows, -1)
+    if noise == "matrix":
+        return (sigma * torch.linalg.vector_norm(w, dtype=dtype)).expand(rows, 1).clone()
+    return torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=dtype).mul_(factor)
 
 
 @torch.no_grad()
@@ -149,19 +184,7 @@ def row_scale(layer: nn.Module, sigma: float, noise: str = "flatlora") -> Tensor
     ``‖W'_{i,:}‖₂/√n_in`` (Flat-LoRA), ``‖W'_{i,:}‖₂`` (filter), ``‖W'‖_F`` (matrix) or 1
     (uniform). On CUDA the row norms of a linear LoRA layer come from one fused kernel that never
     forms ``W'`` in memory; a plain module's norms are read from its weight without a copy."""
-    base = _base(layer).weight
-    rows, dtype = base.shape[0], _reduction_dtype(base)
-    if noise == "uniform":
-        return torch.full((rows, 1), float(sigma), dtype=dtype, device=base.device)
-    factor = sigma / math.sqrt(base[0].numel()) if noise == "flatlora" else sigma
-    if noise != "matrix":
-        fused = _fused_factors(layer)
-        if fused is not None:
-            return _triton.merged_row_norms(base, *fused, factor).reshape(rows, 1)
-    w = (base if layer is _base(layer) else merged_weight(layer)).reshape(rows, -1)
-    if noise == "matrix":
-        return (sigma * torch.linalg.vector_norm(w, dtype=dtype)).expand(rows, 1).clone()
-    return torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=dtype).mul_(factor)
+    return _row_scale(layer, _base(layer), sigma, noise)
 
 
 def flat_lora_row_scale(layer: nn.Module, sigma: float) -> Tensor:
@@ -220,7 +243,7 @@ class _RegeneratedWeight:
 
     def pack(self, t: Tensor) -> Any:
         noisy = self.noisy
-        if noisy is not None and t.untyped_storage().data_ptr() == noisy.untyped_storage().data_ptr():
+        if noisy is not None and (t is noisy or t.untyped_storage().data_ptr() == noisy.untyped_storage().data_ptr()):
             return (t.dtype, t.size(), t.stride(), t.storage_offset())
         return t
 
@@ -231,46 +254,51 @@ class _RegeneratedWeight:
         return packed
 
 
-def _noisy_forward(module: nn.Module, make_scale: Callable[[], Tensor], seed: int,
-                   kernel: str) -> Callable[..., Tensor]:
-    """``module``'s forward with its weight replaced by ``W + ε``, built from ``seed`` in the
-    forward and again in the backward (:class:`_RegeneratedWeight`); ``W`` is never written.
+class _NoisyForward:
+    """A base layer's forward during the perturbed pass: the layer class's own forward (a
+    subclass's too: EfficientNet's static same-padding convolution pads before its conv) with
+    ``W + ε`` in the weight's slot for this call only, built from ``seed`` in the forward and again
+    in the backward (:class:`_RegeneratedWeight`); ``W`` is never written.
 
-    ``W`` is read when the forward runs and the row scale ``make_scale()`` is computed at the
-    pass's first forward (then held for its other micro-batches): under FSDP2 that is when the
-    layer's weight is whole (unsharded for the forward, and again for the backward)."""
-    scale: Optional[Tensor] = None
-    class_forward = type(module).forward
+    ``W`` is read when the forward runs and the row scale is computed at the pass's first forward
+    (then held for its other micro-batches): under FSDP2 that is when the layer's weight is whole
+    (unsharded for the forward, and again for the backward). Everything else is resolved when the
+    pass starts, so a forward adds two kernel launches and little Python (the perturbed pass runs
+    this once per frozen layer and micro-batch)."""
 
-    def op(x: Tensor, w: Tensor) -> Tensor:
-        # The layer's own forward (a subclass's too: EfficientNet's static same-padding convolution
-        # pads before its conv) with ``w`` in the weight's slot for this call only; put back after.
-        params = module._parameters
-        weight = params["weight"]
-        params["weight"] = w
-        try:
-            return class_forward(module, x)
-        finally:
-            params["weight"] = weight
+    __slots__ = ("layer", "base", "sigma", "noise", "seed", "kernel", "scale", "class_forward", "embedding")
 
-    def forward(x: Tensor) -> Tensor:
-        nonlocal scale
-        weight = module.weight
-        if scale is None:
-            with torch.autocast(x.device.type, enabled=False):  # the scale in full precision, as specified
-                scale = make_scale()
-        dtype = weight.dtype
-        if torch.is_autocast_enabled(x.device.type) and not isinstance(module, nn.Embedding):
-            dtype = torch.get_autocast_dtype(x.device.type)  # the dtype autocast would cast W to
-        recipe = _RegeneratedWeight(weight, scale, seed, kernel)
-        recipe.noisy = noisy_weight(weight, scale, seed, dtype, kernel)
+    def __init__(self, layer: nn.Module, base: nn.Module, sigma: float, noise: str, seed: int, kernel: str):
+        self.layer, self.base, self.sigma, self.noise, self.seed, self.kernel = layer, base, sigma, noise, seed, kernel
+        self.scale: Optional[Tensor] = None
+        self.class_forward = type(base).forward
+        self.embedding = isinstance(base, nn.Embedding)
+
+    def _row_scale(self) -> Tensor:
+        with torch.no_grad():
+            return _row_scale(self.layer, self.base, self.sigma, self.noise).reshape(-1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        base = self.base
+        weight, device = base.weight, x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if self.scale is None:
+            if autocast:  # the scale in full precision, as specified
+                with torch.autocast(device, enabled=False):
+                    self.scale = self._row_scale()
+            else:
+                self.scale = self._row_scale()
+        dtype = torch.get_autocast_dtype(device) if autocast and not self.embedding else weight.dtype
+        recipe = _RegeneratedWeight(weight, self.scale, self.seed, self.kernel)
+        recipe.noisy = noisy_weight(weight, self.scale, self.seed, dtype, self.kernel)
+        params = base._parameters
         try:
             with torch.autograd.graph.saved_tensors_hooks(recipe.pack, recipe.unpack):
-                return op(x, recipe.noisy)
+                params["weight"] = recipe.noisy
+                return self.class_forward(base, x)
         finally:
+            params["weight"] = weight
             recipe.noisy = None
-
-    return forward
 
 
 class _Patched:
@@ -308,8 +336,8 @@ class MergedWeightNoise(Perturbation):
               "a PEFT model with LoRA layers on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding modules")
         self.noise, self.whole_model, self.kernel = noise, whole_model, kernel
         self.layers = frozen_layers(model, whole_model)
-        for layer in self.layers:
-            base = _base(layer)
+        self.bases = [_base(layer) for layer in self.layers]
+        for layer, base in zip(self.layers, self.bases):
             check("model", not base.weight.requires_grad, "a trainable base weight",
                   "frozen base weights (the noise is applied functionally to frozen weights only)")
             check("model", not getattr(layer, "lora_variant", None), "a LoRA variant (DoRA)",
@@ -326,12 +354,9 @@ class MergedWeightNoise(Perturbation):
         patches = []
         try:
             if sigma != 0.0:  # σ = 0 (the ramp's first step) is the base optimizer's step, bit for bit
-                for i, layer in enumerate(self.layers):
-                    def make_scale(layer=layer):
-                        return row_scale(layer, sigma, self.noise).reshape(-1)
-
-                    patches.append(_Patched(_base(layer), _noisy_forward(_base(layer), make_scale,
-                                                                          opt.rng_seed(stream=i), self.kernel)))
+                for i, (layer, base) in enumerate(zip(self.layers, self.bases)):
+                    forward = _NoisyForward(layer, base, sigma, self.noise, opt.rng_seed(stream=i), self.kernel)
+                    patches.append(_Patched(base, forward))
             yield Pass("perturbed", backward=True, sync=True, full_window=not combination.uses_clean)
         finally:
             for patch in reversed(patches):
