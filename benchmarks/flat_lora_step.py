@@ -2,6 +2,8 @@
 
     python benchmarks/flat_lora_step.py --device cuda            # Llama-style 0.4B, bf16, LoRA r16 q/v, 8×512
     python benchmarks/flat_lora_step.py --quick                  # CPU smoke run (tiny Llama), seconds
+    python benchmarks/flat_lora_step.py --quick --layers 24 --hidden 32 --batch 1 --seq 8 --rounds 9 --block 10
+                                                                 # host-bound: the host work per noisy layer
 
 DESIGN.md §9: full-model random perturbation ≤ 1.05 × the plain LoRA step, with no weight-sized
 buffer. Candidates, all on the same model, the same batch and the same AdamW on the LoRA factors:
@@ -19,7 +21,10 @@ The two references write the frozen weights (bf16 drift) and are here for time a
 ``--whole-model`` adds the same four on every frozen linear/embedding layer (seed 000's variant).
 Every candidate is timed in blocks of steps, round-robin; ratios are paired by round against the
 ``lora`` block of the same round, and the table reports medians. Peak memory is
-``max_memory_allocated`` over a window of steps, one candidate at a time (CUDA only).
+``max_memory_allocated`` over a window of steps, one candidate at a time (CUDA only). The column
+"+µs/layer" is the step time a candidate adds over the plain LoRA step per noisy layer: on a model
+small enough for the step to be host-bound (``--quick --layers 24 --hidden 32 --batch 1 --seq 8``)
+it is the host work (Python, dispatch, launches) a candidate spends per layer.
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ def build(args, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.quick:
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+        hidden = args.hidden or 64
+        config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                             num_hidden_layers=args.layers or 2, num_attention_heads=4, num_key_value_heads=4,
+                             max_position_embeddings=128)
     else:
-        config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=24,
+        config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden or 1024, intermediate_size=3072,
+                             num_hidden_layers=args.layers or 24,
                              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=args.seq,
                              tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
@@ -182,6 +190,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--block", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 24; --quick: 2)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default 1024; --quick: 64)")
     parser.add_argument("--whole-model", action="store_true", help="also the whole-model variants")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -194,8 +204,11 @@ def main(argv=None) -> dict:
 
     model, ids, n_params = build(args, device)
     steps = candidates(model, ids, whole=False)
+    noisy_layers = {name: len(frozen_layers(model)) for name in steps}
     if args.whole_model:
-        steps.update(candidates(model, ids, whole=True))
+        whole = candidates(model, ids, whole=True)
+        steps.update(whole)
+        noisy_layers.update({name: len(frozen_layers(model, whole_model=True)) for name in whole})
     for step in steps.values():  # warm-up: compile kernels, create optimizer state
         timed_block(step, 3 if not args.quick else 1, device)
     times = {name: [] for name in steps}
@@ -208,17 +221,20 @@ def main(argv=None) -> dict:
     rows = []
     for name in names:
         ratios = [t / b for t, b in zip(times[name], times["lora"])]
+        added = [(t - b) * 1e3 / noisy_layers[name] for t, b in zip(times[name], times["lora"])]
         rows.append({"candidate": name, "ms": statistics.median(times[name]), "ratio": statistics.median(ratios),
+                     "us_per_layer": statistics.median(added) if name != "lora" else 0.0,
                      "spread_pct": 100 * (max(ratios) - min(ratios)) / 2 / statistics.median(ratios),
                      "peak_mib": memory[name], "mem_ratio": memory[name] / memory["lora"]})
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    header = (f"Flat-LoRA step, {'tiny' if args.quick else '0.4B'} Llama ({n_params / 1e6:.1f}M params, "
+    header = (f"Flat-LoRA step, Llama ({n_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
               f"{'bf16' if device.type == 'cuda' else 'fp32'}), LoRA r=16 on q/v, batch {args.batch}×{args.seq}, "
               f"{gpu}, {rounds} rounds × {block} steps")
-    lines = [header, "", "| candidate | ms/step | × LoRA step | ±% | peak MiB | mem × LoRA |", "|---|---|---|---|---|---|"]
+    lines = [header, "", "| candidate | ms/step | × LoRA step | ±% | +µs/layer | peak MiB | mem × LoRA |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['candidate']} | {row['ms']:.2f} | {row['ratio']:.3f} | {row['spread_pct']:.1f} | "
-                     f"{row['peak_mib']:.0f} | {row['mem_ratio']:.4f} |")
+                     f"{row['us_per_layer']:.0f} | {row['peak_mib']:.0f} | {row['mem_ratio']:.4f} |")
     table = "\n".join(lines)
     print(table)
     result = {"header": header, "rows": rows, "times_ms": times, "table": table}

@@ -111,11 +111,12 @@ def test_flat_lora_benchmark_quick_prints_its_table():
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     bench = _load("flat_lora_step")
-    result = bench.main(["--quick", "--rounds", "1", "--block", "1"])
+    result = bench.main(["--quick", "--rounds", "1", "--block", "1", "--layers", "3", "--hidden", "32"])
     rows = {r["candidate"]: r for r in result["rows"]}
     assert list(rows) == ["lora", "flatlora", "flatlora[torch]", "ref:store", "ref:randn"]
     assert rows["lora"]["ratio"] == 1.0 and all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows.values())
-    assert "| flatlora |" in result["table"]
+    assert rows["lora"]["us_per_layer"] == 0.0 and all(math.isfinite(r["us_per_layer"]) for r in rows.values())
+    assert "| flatlora |" in result["table"] and "+µs/layer" in result["table"] and "3 layers" in result["table"]
 
 
 def test_hessian_benchmark_quick_prints_its_table(tmp_path):

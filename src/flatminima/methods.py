@@ -150,6 +150,12 @@ class GASAM(FlatOptimizer):
     ``k = 0..K``. ``scale`` picks the Table 2 variants of ``T`` (``"one"``, ``"w_over_g"``,
     ``"inv_g"``, ``"w_over_sqrt_n"``, ``"w"``). Before ``start_step`` it is the base optimizer.
     Cost: ``K + 1`` forward/backward passes.
+
+    The budget is first-order (``a = ε·T²g`` raises the linearized loss by ε), and a group's
+    Euclidean radius is ``ε·n_i/(n·‖g_i‖)``. On fresh LoRA factors (B = 0, A's gradient ∝ B) that
+    is several times the factors' own norm, and the bilinear ``ε_B·ε_A`` term the budget ignores
+    stalls training at layer granularity (K = 2 worst): use ``granularity="model"`` there
+    (docs/results.md §2).
     """
 
     def __init__(self, base, epsilon: float = 0.01, steps: int = 1, norm: Union[float, str] = 2,
