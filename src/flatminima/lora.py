@@ -18,6 +18,7 @@ row is an output channel) or ``nn.Embedding`` (a row is a token's vector).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional
 
@@ -127,8 +128,9 @@ def _merged(layer: nn.Module, base: nn.Module, names: list[str], dtype: torch.dt
         return w
     if not names:
         return w.to(dtype, copy=True)
-    for i, (b, a, s) in enumerate(_linear_factors(layer, names)):  # one addmm per adapter: W + s·B·A
-        w = torch.addmm(w.to(dtype) if i == 0 else w, b.to(dtype), a.to(dtype), alpha=s)
+    w = w.to(dtype)  # not written: the first addmm makes the new tensor
+    for b, a, s in _linear_factors(layer, names):  # one addmm per adapter: W + s·B·A
+        w = torch.addmm(w, b.to(dtype), a.to(dtype), alpha=s)
     return w
 
 
@@ -263,8 +265,8 @@ class _NoisyForward:
     ``W`` is read when the forward runs and the row scale is computed at the pass's first forward
     (then held for its other micro-batches): under FSDP2 that is when the layer's weight is whole
     (unsharded for the forward, and again for the backward). Everything else is resolved when the
-    pass starts, so a forward adds two kernel launches and little Python (the perturbed pass runs
-    this once per frozen layer and micro-batch)."""
+    pass starts, so a forward adds the noisy weight's kernel (and, the first time, the row scale's)
+    and little Python: the perturbed pass runs this once per frozen layer and micro-batch."""
 
     __slots__ = ("layer", "base", "sigma", "noise", "seed", "kernel", "scale", "class_forward", "embedding")
 
@@ -274,20 +276,13 @@ class _NoisyForward:
         self.class_forward = type(base).forward
         self.embedding = isinstance(base, nn.Embedding)
 
-    def _row_scale(self) -> Tensor:
-        with torch.no_grad():
-            return _row_scale(self.layer, self.base, self.sigma, self.noise).reshape(-1)
-
     def __call__(self, x: Tensor) -> Tensor:
         base = self.base
         weight, device = base.weight, x.device.type
         autocast = torch.is_autocast_enabled(device)
-        if self.scale is None:
-            if autocast:  # the scale in full precision, as specified
-                with torch.autocast(device, enabled=False):
-                    self.scale = self._row_scale()
-            else:
-                self.scale = self._row_scale()
+        if self.scale is None:  # in full precision, as specified; the autocast switch only where it is on
+            with torch.no_grad(), (torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext()):
+                self.scale = _row_scale(self.layer, base, self.sigma, self.noise).reshape(-1)
         dtype = torch.get_autocast_dtype(device) if autocast and not self.embedding else weight.dtype
         recipe = _RegeneratedWeight(weight, self.scale, self.seed, self.kernel)
         recipe.noisy = noisy_weight(weight, self.scale, self.seed, dtype, self.kernel)
