@@ -41,15 +41,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import swa_utils
 
-from .optim import check, check_int
+from .validation import check, check_int, is_real
 
 __all__ = ["SWA", "EMA", "SWAD", "update_bn"]
 
 AvgFn = Callable[[list, list, Any], None]
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _floating(t: Tensor) -> bool:
@@ -388,7 +386,7 @@ class EMA(_Averager):
     def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False, start: int = 0,
                  every: int = 1, use_buffers: bool = True, device: Any = None):
         _check_model(model)
-        check("decay", _is_real(decay) and 0 <= decay < 1, decay, "a float in [0, 1)")
+        check("decay", is_real(decay) and 0 <= decay < 1, decay, "a float in [0, 1)")
         _check_flag("warmup", warmup)
         check_int("start", start, 0)
         check_int("every", every, 1)
@@ -474,7 +472,7 @@ class SWAD(_Averager):
         _check_model(model)
         check_int("n_start", n_start, 1)
         check_int("n_end", n_end, 1)
-        check("tolerance", _is_real(tolerance) and tolerance >= 1, tolerance, "a finite float r >= 1")
+        check("tolerance", is_real(tolerance) and tolerance >= 1, tolerance, "a finite float r >= 1")
         _check_flag("use_buffers", use_buffers)
         _check_device(device)
         self.n_start, self.n_end, self.tolerance = n_start, n_end, float(tolerance)
@@ -519,7 +517,7 @@ class SWAD(_Averager):
             loss = loss.item()
         elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             loss = float(loss)  # numpy scalars
-        check("loss", _is_real(loss) and loss >= 0, loss, "a finite float >= 0")
+        check("loss", is_real(loss) and loss >= 0, loss, "a finite float >= 0")
         check("step", step == self.last_step and step != self._last_eval, step,
               f"the step of the last update() ({self.last_step}), reported once")
         self._last_eval = step

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from ._functional import is_sharded
 from .methods import Base
-from .optim import FlatOptimizer, Pass, check
+from .optim import FlatOptimizer, Pass
+from .validation import check
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .validation import is_real
 from . import methods as _methods
 from .data import Dataset, Inputs, available_tasks, load_task, minilm_path, take, task_loader
 from .engine import TrainStep
@@ -215,8 +216,6 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -437,11 +436,11 @@ def _dummy_lora_model() -> nn.Module:
 def _check_base(base: dict[str, Any]) -> None:
     if base["optimizer"] not in OPTIMIZERS:
         _fail("optimizer", base["optimizer"], " or ".join(map(repr, OPTIMIZERS)))
-    if not _is_real(base["lr"]) or base["lr"] <= 0:
+    if not is_real(base["lr"]) or base["lr"] <= 0:
         _fail("lr", base["lr"], "a float > 0")
-    if not _is_real(base["momentum"]) or not 0 <= base["momentum"] < 1:
+    if not is_real(base["momentum"]) or not 0 <= base["momentum"] < 1:
         _fail("momentum", base["momentum"], "a float in [0, 1)")
-    if not _is_real(base["weight_decay"]) or base["weight_decay"] < 0:
+    if not is_real(base["weight_decay"]) or base["weight_decay"] < 0:
         _fail("weight_decay", base["weight_decay"], "a float >= 0")
 
 

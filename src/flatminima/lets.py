@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .optim import FlatOptimizer, _closure_runner, _is_real, check, check_int
+from .optim import FlatOptimizer, _closure_runner
+from .validation import check, check_int, is_real
 
 if TYPE_CHECKING:
     from .engine import StepResult, TrainStep
 
 
 def _loss_value(loss: Any, name: str) -> float:
-    check(name, torch.is_tensor(loss) and loss.numel() == 1 or _is_real(loss), type(loss).__name__,
+    check(name, torch.is_tensor(loss) and loss.numel() == 1 or is_real(loss), type(loss).__name__,
           "a closure that returns the loss (a scalar tensor or float)")
     return float(loss)
 
@@ -83,17 +84,17 @@ class LETS:
         values = [g[key] for g in optimizer.param_groups]
         check(key, len(set(values)) == 1, values, f"the same {key} in every param group (LETS learns one {key})")
         initial = float(values[0])
-        check("lr", _is_real(lr) and lr > 0, lr, "a finite float > 0")
-        check("min_strength", _is_real(min_strength) and min_strength >= 0, min_strength, "a finite float >= 0")
+        check("lr", is_real(lr) and lr > 0, lr, "a finite float > 0")
+        check("min_strength", is_real(min_strength) and min_strength >= 0, min_strength, "a finite float >= 0")
         if max_strength is None:
             check("max_strength", initial > 0, max_strength,
                   f"a float > min_strength (the default, 10 × the initial {key}, needs {key} > 0)")
             max_strength = 10.0 * initial
-        check("max_strength", _is_real(max_strength) and max_strength > min_strength, max_strength,
+        check("max_strength", is_real(max_strength) and max_strength > min_strength, max_strength,
               f"a finite float > min_strength = {min_strength}")
         check(key, min_strength <= initial <= max_strength, initial,
               f"an initial {key} within [min_strength, max_strength] = [{min_strength}, {max_strength}]")
-        check("fd_step", _is_real(fd_step) and fd_step > 0, fd_step, "a finite float > 0")
+        check("fd_step", is_real(fd_step) and fd_step > 0, fd_step, "a finite float > 0")
         check_int("update_every", update_every, 1)
         check("model", model is None or isinstance(model, nn.Module), type(model).__name__, "None or a torch.nn.Module")
         self.optimizer, self.lr, self.fd_step, self.update_every = optimizer, float(lr), float(fd_step), update_every

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from . import _triton
 from ._functional import is_sharded
 from .methods import SAM, register
-from .optim import FlatOptimizer, MixGradient, Pass, Perturbation, check
+from .optim import FlatOptimizer, MixGradient, Pass, Perturbation
+from .validation import check
 from .schedules import Cosine
 
 #: Base layers whose weight the functional noise can replace.

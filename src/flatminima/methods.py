@@ -16,8 +16,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
-from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise,
-                    RandomSearch, RankSplit, check, check_int, check_nonnegative, check_norm, closure_accepts)
+from .optim import Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise, RandomSearch, RankSplit, closure_accepts
+from .validation import check, check_int, check_nonnegative, check_norm
 from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale
 from .schedules import AdaptiveThreshold, Cosine, Every, Probability, StartAt, step_generator

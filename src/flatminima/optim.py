@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import _functional as F
 from .schedules import Always, Trigger, derive_seed, strength_schedule
+from .validation import check, check_int, check_nonnegative, check_norm, is_real  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -62,30 +63,6 @@ class Pass:
 
 Plan = Generator[Pass, Any, list]
 Runner = Callable[[Pass], Any]
-
-
-def check(name: str, ok: bool, value: Any, expected: str) -> None:
-    """Raise ``ValueError`` naming the argument and its accepted range."""
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    check(name, _is_real(value) and value >= 0, value, "a finite float >= 0")
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-    check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low, value, f"an int >= {low}")
-
-
-def check_norm(name: str, value: Any) -> float:
-    ok = value in ("inf", math.inf) or (_is_real(value) and value >= 1)
-    check(name, ok, value, "a number p >= 1 or 'inf'")
-    return math.inf if value in ("inf", math.inf) else float(value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .optim import check, check_int, check_nonnegative, _is_real
+from .validation import check, check_int, check_nonnegative, is_real
 
 #: Table dtypes SAF accepts (half-precision ones halve or quarter the memory).
 TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,7 +48,7 @@ def trajectory_kl(logits: Tensor, teacher_logits: Tensor, temperature: float) ->
 
 
 def _check_common(temperature: Any, weight: Any, start_epoch: Any, end_epoch: Any) -> None:
-    check("temperature", _is_real(temperature) and temperature > 0, temperature, "a finite float > 0")
+    check("temperature", is_real(temperature) and temperature > 0, temperature, "a finite float > 0")
     check_nonnegative("weight", weight)
     check_int("start_epoch", start_epoch, 0)
     if end_epoch is not None:
@@ -213,7 +213,7 @@ class MESA(nn.Module):
                  start_epoch: int = 5, end_epoch: Optional[int] = None,
                  forward: Optional[Callable[[nn.Module, Any], Tensor]] = None):
         check("model", isinstance(model, nn.Module), type(model).__name__, "a torch.nn.Module")
-        check("decay", _is_real(decay) and 0.0 <= decay < 1.0, decay, "a float in [0, 1)")
+        check("decay", is_real(decay) and 0.0 <= decay < 1.0, decay, "a float in [0, 1)")
         _check_common(temperature, weight, start_epoch, end_epoch)
         check("forward", forward is None or callable(forward), type(forward).__name__,
               "None or a callable(module, inputs) -> logits")

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lora import _factors, _reduction_dtype, lora_layers
-from ..optim import check, check_int, check_nonnegative
+from ..validation import check, check_int, check_nonnegative
 from ..schedules import derive_seed
 
 STRATEGIES = ("finetune", "seq-lora", "inc-lora", "o-lora", "n-lora")

@@ -86,7 +86,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .._functional import TINY, reduction_dtype
-from ..optim import check, check_int
+from ..validation import check, check_int
 from .objective import LossFn, Objective, ParamSpec, batch_size, is_batch, iter_batches, select_params
 from .sharpness import Result
 

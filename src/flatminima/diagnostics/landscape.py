@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .._functional import TINY, global_norm, reduction_dtype
-from ..optim import check
+from ..validation import check
 from .objective import LossFn, Objective, ParamSpec, select_params
 from .robustness import MetricFn, _check_metric, evaluate
 from .sharpness import Result, _plain, gaussian, generator, shifted

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..optim import check
+from ..validation import check
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 ParamSpec = Union[None, str, nn.Module, Iterable[Tensor], Callable[[str, Tensor], bool]]

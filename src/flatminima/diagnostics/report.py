@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..optim import check
+from ..validation import check
 from . import hessian, landscape, robustness, sharpness
 from .objective import LossFn, ParamSpec
 

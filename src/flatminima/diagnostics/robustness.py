@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._functional import global_norm
-from ..optim import check, check_int
+from ..validation import check, check_int
 from .objective import LossFn, Objective, ParamSpec, batch_size
 from .sharpness import (Result, ascend, check_ball_norm, check_positive, generator, norm_label,
                         random_in_ball, shifted, stderr)

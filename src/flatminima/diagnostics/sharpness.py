@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._functional import _mul, ascent_direction, clone, dual_direction, global_norm, inverse, project, reduction_dtype
-from ..optim import check, check_int
+from ..validation import check, check_int
 from ..scale import Scale, group_norms
 from .objective import LossFn, Objective, ParamSpec, batch_size, is_batch
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._functional import tensor_norms
-from ..optim import check
+from ..validation import check
 
 
 def _layers(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:

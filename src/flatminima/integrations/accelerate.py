@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..engine import TrainStep
-from ..optim import FlatOptimizer, check
+from ..optim import FlatOptimizer
+from ..validation import check
 from .hf import _flat
 
 

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from .. import methods as _methods
 from ..engine import TrainStep, _distributed
-from ..optim import FlatOptimizer, Pass, check
+from ..optim import FlatOptimizer, Pass
+from ..validation import check
 
 #: Elements per all-reduce bucket when passes are averaged over ranks (as DDP's 25 MB buckets).
 BUCKET_ELEMENTS = 1 << 23

@@ -50,7 +50,8 @@ from transformers import Trainer, TrainerCallback
 
 from .. import methods as _methods
 from ..engine import TrainStep
-from ..optim import FlatOptimizer, check
+from ..optim import FlatOptimizer
+from ..validation import check
 
 @dataclasses.dataclass
 class FlatMinimaArguments:

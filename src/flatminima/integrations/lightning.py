@@ -44,7 +44,8 @@ from torch import Tensor, nn
 
 from .. import methods as _methods
 from ..engine import TrainStep
-from ..optim import FlatOptimizer, check, check_int
+from ..optim import FlatOptimizer
+from ..validation import check, check_int
 
 
 class FlatMinimaModule(pl.LightningModule):
