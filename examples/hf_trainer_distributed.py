@@ -65,19 +65,25 @@ def training_arguments(args, out: str, **extra):
 
 def run_trainer(args, method: str, train: list[dict]):
     """The Trainer run; returns (the micro-batches this rank saw, per window; the trainable weights
-    after every step; the Trainer)."""
+    after every step; the gradient norm DeepSpeed clipped with at every step, empty under DDP; the
+    Trainer)."""
     import transformers
 
     from flatminima.integrations.hf import FlatMinimaTrainer
 
     windows: list[list[dict]] = [[]]
+    norms: list[float] = []
 
     class Recording(FlatMinimaTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             windows[-1].append({k: v.detach().clone() for k, v in inputs.items()})
-            if self.accelerator.sync_gradients:
+            last = self.accelerator.sync_gradients
+            if last:
                 windows.append([])
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if last and self.is_deepspeed_enabled:  # the window's DeepSpeed step has run
+                norms.append(float(self.model_wrapped.get_global_grad_norm()))
+            return loss
 
     weights: list[list[torch.Tensor]] = []
 
@@ -97,14 +103,30 @@ def run_trainer(args, method: str, train: list[dict]):
         trainer = Recording(model=build_model(), args=training_arguments(args, out, **extra), train_dataset=train,
                             callbacks=[Weights()], flat_method=method, flat_hyperparameters=HYPER[method])
         trainer.train()
-    return windows[:-1], weights, trainer
+    return windows[:-1], weights, norms, trainer
 
 
-def replay(args, method: str, windows: list[list[dict]]) -> list[list[torch.Tensor]]:
+def clip_as_deepspeed(grads: list[torch.Tensor], norm: float, max_norm: float) -> None:
+    """ZeRO-1/2's clipping (``unscale_and_clip_grads``): ``g ← g / max(1, (‖g‖ + 1e-6) / max_norm)``
+    in float32, with the norm DeepSpeed computed. Its norm (per-tensor norms in float64, squared and
+    summed per rank's partition, the partial sums added over the ranks in float32) and
+    ``clip_grad_norm_``'s (float32 norms of float32 gradients) differ in their last bits; under bf16
+    that shifts the fp32 master weights by ~1e-10, enough for a bf16 weight near a rounding midpoint
+    to round the other way (one bf16 ulp). So the bf16 reference clips with DeepSpeed's norm, and the
+    norms themselves are compared to float32 rounding."""
+    scale = torch.clamp((torch.tensor(norm, dtype=torch.float32, device=grads[0].device) + 1e-6) / max_norm, min=1.0)
+    torch._foreach_mul_(grads, 1.0 / scale)
+
+
+def replay(args, method: str, windows: list[list[dict]], norms: list[float]) -> tuple[list[list[torch.Tensor]], float]:
     """The library's engine on the same micro-batches: DDP, AdamW, linear decay, clipping at 1.
+    Returns the trainable weights after every step and the largest relative difference between the
+    descent gradient's norm and the norm DeepSpeed clipped with (0 where the reference clips with
+    its own norm: DDP, and DeepSpeed in fp32).
 
     For DeepSpeed under bf16 the weights are bf16 and the update runs on an fp32 master copy, cast
-    back after every step (what ZeRO does on its partitions); under DDP, bf16 is autocast."""
+    back after every step (what ZeRO does on its partitions), clipped as DeepSpeed clips
+    (:func:`clip_as_deepspeed`); under DDP, bf16 is autocast."""
     import transformers
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -123,14 +145,17 @@ def replay(args, method: str, windows: list[list[dict]]) -> list[list[torch.Tens
     sched = transformers.get_linear_schedule_with_warmup(base, 0, args.steps)
     autocast = torch.bfloat16 if args.bf16 and not master_weights else None
     step = fm.TrainStep(ddp, opt, lambda m, b: m(**b).loss, max_grad_norm=1.0, autocast_dtype=autocast)
-    weights = []
-    for window in windows:
+    weights, norm_diff = [], 0.0
+    for index, window in enumerate(windows):
         batches = [{k: v.to(device) for k, v in b.items()} for b in window]
         if master_weights:
             step.passes(batches)
             for w, p in zip(master, params):
                 w.grad = p.grad.float()
-            nn.utils.clip_grad_norm_(master, 1.0)
+            grads = [w.grad for w in master]
+            own = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+            norm_diff = max(norm_diff, abs(own - norms[index]) / own)
+            clip_as_deepspeed(grads, norms[index], 1.0)
             base.step()
             opt.finish_step()
             with torch.no_grad():
@@ -139,7 +164,7 @@ def replay(args, method: str, windows: list[list[dict]]) -> list[list[torch.Tens
             step(batches)
         sched.step()
         weights.append([p.detach().float().clone() for p in params])
-    return weights
+    return weights, norm_diff
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,16 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     train = examples(args.micro_batch * args.accumulation * int(os.environ["WORLD_SIZE"]) * 3)
     results, ok = {}, True
     for method in methods:
-        windows, weights, trainer = run_trainer(args, method, train)
+        windows, weights, norms, trainer = run_trainer(args, method, train)
         flat = trainer.flat_optimizer
         result = {"steps": len(weights), "method_steps": flat.step_count,
                   "loss": trainer.state.log_history[-1].get("train_loss"),
                   "flat_logs": sum("flat/strength" in log for log in trainer.state.log_history)}
         if args.check:
-            want = replay(args, method, windows)
+            want, norm_diff = replay(args, method, windows, norms)
             diffs = [max((a - b).abs().max().item() for a, b in zip(got, ref)) for got, ref in zip(weights, want)]
             moved = max((a - b).abs().max().item() for a, b in zip(want[-1], want[0]))
-            result.update(max_diff=max(diffs), moved=moved, windows=len(windows))
+            result.update(max_diff=max(diffs), moved=moved, windows=len(windows), norm_diff=norm_diff)
             ok &= len(weights) == len(want) == args.steps and max(diffs) <= args.tolerance
         results[method] = result
         if rank == 0:

@@ -2,7 +2,9 @@
 # Set up flatminima in ./.venv.   usage: bash scripts/setup.sh [run|dev]
 #   run (default): the library, the experiment extras (MiniLM included) and the data: Fashion-MNIST
 #                  and the VADER sentences (main job and the text preset)
-#   dev:           the library and the test dependencies
+#   dev:           the library, the test dependencies and the VADER sentences (the examples the tests
+#                  run train on them); no Fashion-MNIST: the tests build tiny idx files themselves
+# Both install the exact versions of scripts/constraints.txt (torch: below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-run}
@@ -11,6 +13,7 @@ case "$target" in run|dev) ;; *) echo "usage: bash scripts/setup.sh [run|dev]" >
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+constraints=(--constraint scripts/constraints.txt)
 
 # PyTorch first, so the project's `torch>=2.3` is already satisfied: on machines without an NVIDIA
 # GPU a pinned release (a CPU build where one is cached locally); with a GPU, PyPI's CUDA build.
@@ -22,8 +25,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
+# The VADER sentences: the vaderSentiment source archive, fetched once into the user cache
+# (python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2), so runs work offline.
+fetch_vader() { .venv/bin/python -c "from flatminima.data import find_vader_archive; find_vader_archive()"; }
+
 if [ "$target" = dev ]; then
-  "${pip[@]}" -e ".[dev]"
+  "${pip[@]}" "${constraints[@]}" -e ".[dev]"
+  fetch_vader || { echo "error: could not fetch the VADER archive, which the tests need (see above)" >&2; exit 1; }
   # The HTML report's browser test drives Debian's headless Chromium (~120 MB of .debs, about 10-25 s
   # with recommends left out); without it (or without root) that one test is skipped.
   if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -33,7 +41,7 @@ if [ "$target" = dev ]; then
       || echo "note: could not install chromium chromium-driver; the HTML report's browser test will be skipped" >&2
   fi
 else
-  "${pip[@]}" -e ".[experiments]"
+  "${pip[@]}" "${constraints[@]}" -e ".[experiments]"
   # Fashion-MNIST ships as a Debian package; without root the loader fetches it into its cache.
   if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$(id -u)" = 0 ] \
      && command -v apt-get >/dev/null 2>&1; then
@@ -41,9 +49,6 @@ else
       || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
       || echo "note: could not install dataset-fashion-mnist; the loader will try its other sources" >&2
   fi
-  # The text task's sentences: the vaderSentiment source archive, fetched once into the user cache
-  # (python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2), so runs work offline.
-  .venv/bin/python -c "from flatminima.data import find_vader_archive; find_vader_archive()" \
-    || echo "note: could not fetch the VADER archive; the text task will try again when it runs" >&2
+  fetch_vader || echo "note: could not fetch the VADER archive; the text task will try again when it runs" >&2
 fi
 echo "flatminima is set up in .venv ($target)"

@@ -15,3 +15,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_installed_fashion_mnist(tmp_path_factory):
+    """The data a fresh machine has after ``scripts/setup.sh dev``: no Fashion-MNIST (the tests that
+    need it write tiny idx files and pass ``root`` or ``$FLATMINIMA_FASHION_MNIST``). Hiding this
+    machine's Debian package and environment variable makes a test that quietly read them fail here
+    too, not only on a new machine."""
+    from flatminima import data
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "FASHION_PACKAGE_DIR", tmp_path_factory.mktemp("no-fashion-package"))
+        patch.delenv(data.FASHION_ENV, raising=False)
+        yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ def test_accelerate_step_matches_the_engine(method, hyper):
     opt = fm.create(method, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **hyper)
     model, opt = accelerator.prepare(model, opt)
     step = AccelerateStep(accelerator, model, opt, loss_fn, max_grad_norm=1.0)
-    stepped = [step(batch) for batch in data]
+    stepped = [step(batch) is not None for batch in data]
     assert stepped == [False, False, True] * 8
 
     ref, _ = _setup()
@@ -87,8 +89,10 @@ def test_fp16_accelerate_step_matches_the_engine_and_skips_an_overflow(method, h
     step = AccelerateStep(accelerator, model, opt, overflowing, max_grad_norm=1.0)
     skipped = []
     for batch in data:
-        if step(batch):
+        result = step(batch)
+        if result:
             skipped.append(opt.step_was_skipped)
+            assert result.skipped == opt.step_was_skipped
     assert skipped == [False, True] + [False] * 6
     assert calls["dtypes"] == {torch.float16}
     assert accelerator.scaler.get_scale() == 2.0**7
@@ -128,3 +132,110 @@ def test_readme_accelerate_block_runs():
     exec(block, namespace)
     assert namespace["opt"].optimizer.step_count == len(loader) // 4
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _loader(data, batch_size=4):
+    rows = list(zip(*[torch.cat(t) for t in zip(*data)]))
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size)
+
+
+def test_accumulate_idiom_with_a_closure_is_refused_naming_accelerate_step():
+    """`with accelerator.accumulate(model): opt.step(closure)` would run the closure on every 2nd
+    micro-batch only: refused on the first step, weights untouched, AccelerateStep named."""
+    model, data = _setup()
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    model, opt, loader = accelerator.prepare(model, opt, _loader(data[:4]))
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps: 2 .*AccelerateStep\(accelerator, model, opt"):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                def closure(x=x, y=y):
+                    seen.append(len(seen))
+                    loss = loss_fn(model, (x, y))
+                    accelerator.backward(loss)
+                    return loss
+                opt.step(closure)
+                opt.zero_grad()
+    assert seen == []  # refused before the first pass
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_closure_step_without_accumulation_equals_the_plain_closure_step():
+    """gradient_accumulation_steps=1: the idiom steps on every micro-batch, as fm.SAM.step(closure)."""
+    model, data = _setup()
+    ref = copy.deepcopy(model)
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=1)
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    model, opt = accelerator.prepare(model, opt)
+    ref_opt = fm.SAM(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    for batch in data[:6]:
+        with accelerator.accumulate(model):
+            opt.step(lambda: _backward(accelerator.backward, model, batch))
+            opt.zero_grad()
+        ref_opt.step(lambda: _backward(torch.Tensor.backward, ref, batch))
+    assert opt.optimizer.step_count == 6
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _backward(backward, model, batch):
+    loss = loss_fn(model, batch)
+    backward(loss)
+    return loss
+
+
+def test_accelerate_step_flushes_the_partial_window_at_the_end_of_the_dataloader():
+    """10 micro-batches, accumulation 4: Accelerate steps 3 times (windows 4, 4, 2), and so do we,
+    each step equal to TrainStep's on the same window; the result carries the window's loss."""
+    model, data = _setup()
+    data = data[:10]
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=4)
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    model, opt, loader = accelerator.prepare(model, opt, _loader(data))
+    step = AccelerateStep(accelerator, model, opt, loss_fn)
+    results = [step(batch) for batch in loader]
+    assert [r is not None for r in results] == [False, False, False, True] * 2 + [False, True]
+    assert opt.optimizer.step_count == 3
+
+    ref, _ = _setup()
+    ref_opt = fm.SAM(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    engine = fm.TrainStep(ref, ref_opt, loss_fn)
+    losses = [engine(data[a:b]).loss for a, b in ((0, 4), (4, 8), (8, 10))]
+    got = [r.loss for r in results if r is not None]
+    torch.testing.assert_close(torch.stack(got), torch.stack(losses), rtol=1e-6, atol=1e-7)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert step.window == [] and step.flush() is None
+
+
+def test_accelerate_step_flush_steps_a_partial_window_by_hand():
+    """A loader the accelerator did not prepare has no end-of-dataloader signal: flush() steps the
+    rest, equal to TrainStep on those micro-batches."""
+    model, data = _setup()
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=4)
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    step = AccelerateStep(accelerator, model, opt, loss_fn)
+    assert [step(b) is not None for b in data[:6]] == [False, False, False, True, False, False]
+    result = step.flush()
+    ref, _ = _setup()
+    engine = fm.TrainStep(ref, fm.SAM(torch.optim.SGD(ref.parameters(), lr=0.1), rho=0.05), loss_fn)
+    want = [engine(data[:4]).loss, engine(data[4:6]).loss]
+    torch.testing.assert_close(result.loss, want[1])
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_accelerate_step_refuses_to_run_inside_accumulate_when_accelerate_would_drop_the_step():
+    model, data = _setup()
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = fm.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    model, opt = accelerator.prepare(model, opt)
+    step = AccelerateStep(accelerator, model, opt, loss_fn)
+    before = [p.detach().clone() for p in model.parameters()]
+    with accelerator.accumulate(model):  # Accelerate's 1st micro-batch: no sync
+        assert step(data[0]) is None
+        with pytest.raises(ValueError, match="outside `with accelerator.accumulate"):
+            step(data[1])
+    assert len(step.window) == 2 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -177,11 +177,49 @@ def test_o_lora_penalty_equals_hand_computation(net, side, squared):
 def test_norm_penalties_equal_hand_sums(net):
     model, cl = continual("o-lora", net, tasks=2, orth_weight=0.0, l2_weight=0.3)
     assert math.isclose(cl.penalty().item(), 0.3 * hand_norms(model, "task1", 2), rel_tol=1e-12)
-    model, cl = continual("n-lora", net, tasks=2, l1_weight=0.2)
-    assert math.isclose(cl.penalty().item(), 0.2 * hand_norms(model, "task1", 1), rel_tol=1e-12)
     # task 0 has no past: O-LoRA's penalty is the λ₂ term alone
     model, cl = continual("o-lora", net, tasks=1, orth_weight=5.0, l2_weight=0.3)
     assert math.isclose(cl.penalty().item(), 0.3 * hand_norms(model, "default", 2), rel_tol=1e-12)
+
+
+def reference_update_l1(model, name):
+    """``Σ_layers ‖s·B A‖₁`` by plain autograd in float64 (the whole product kept), and its gradients."""
+    total, leaves = torch.zeros((), dtype=torch.float64), []
+    for layer in layers(model):
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        a_, b_ = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        leaves += [(a, a_), (b, b_)]
+        total = total + (layer.scaling[name] * (b_.flatten(1) @ a_.flatten(1))).abs().sum()
+    total.backward()
+    return total.detach(), [(p, ref.grad) for p, ref in leaves]
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_n_lora_penalizes_the_l1_norm_of_the_scaled_update_not_of_the_factors(net, chunk, monkeypatch):
+    from flatminima.continual import adapters
+
+    if chunk is not None:  # a tiny chunk: the product is formed a few rows of B at a time
+        monkeypatch.setattr(adapters, "_CHUNK", chunk)
+    model, cl = continual("n-lora", net, tasks=2, l1_weight=0.2)
+    expected, grads = reference_update_l1(model, "task1")
+    assert {float(layer.scaling["task1"]) for layer in layers(model)} == {5 / 3}  # s = α/r, not 1
+    penalty = cl.penalty()
+    assert math.isclose(penalty.item(), 0.2 * expected.item(), rel_tol=1e-12)
+    assert not math.isclose(penalty.item(), 0.2 * hand_norms(model, "task1", 1), rel_tol=1e-3)  # the old Σ‖P‖₁
+    penalty.backward()
+    for p, ref in grads:
+        torch.testing.assert_close(p.grad, 0.2 * ref, rtol=1e-12, atol=1e-15)
+
+
+def test_n_lora_penalty_is_invariant_to_rescaling_the_factors():
+    model, cl = continual("n-lora", tasks=2, l1_weight=0.2)
+    before = cl.penalty().item()
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.lora_A["task1"].weight.mul_(4.0)
+            layer.lora_B["task1"].weight.div_(4.0)
+    assert math.isclose(cl.penalty().item(), before, rel_tol=1e-12)
 
 
 def test_penalty_accumulates_in_float32_and_is_zero_without_weights():

@@ -239,6 +239,7 @@ def test_save_without_matplotlib(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kwargs, arg", [
     ({"task_names": ["a", "b"]}, "task_names"),
     ({"task_names": "abc"}, "task_names"),
+    ({"task_names": iter(["a", "b", "c"])}, "task_names"),
     ({"name": "sub/dir"}, "name"),
     ({"name": ""}, "name"),
     ({"extra": {"matrix": 1}}, "extra"),

@@ -117,27 +117,97 @@ def test_split_digits_is_the_bundled_split():
     assert_same_rng(before)
 
 
+@pytest.fixture
+def no_data(monkeypatch):
+    """Every way a loader reaches data (files, caches, fetches, the bundled digits) raises: a loader
+    that gets past its checks fails the test instead of refusing the option."""
+    def looked(*args, **kwargs):
+        raise AssertionError("data was looked for before the options were checked")
+
+    import sklearn.datasets
+
+    for name in ("find_fashion_mnist", "find_vader_archive", "fetch_vader", "vader_sentences", "minilm_path",
+                 "_prepared"):
+        monkeypatch.setattr(data, name, looked)
+    for name in ("load_fashion_mnist", "load_vader", "load_digits", "pixel_permutations"):
+        monkeypatch.setattr(ct, name, looked)
+    monkeypatch.setattr(sklearn.datasets, "load_digits", looked)
+
+
 @pytest.mark.parametrize("name, options, arg", [
     ("split_fashion_mnist", {"tasks": 3}, "tasks"),
     ("split_fashion_mnist", {"tasks": 0}, "tasks"),
     ("split_fashion_mnist", {"train_subset": 0}, "train_subset"),
     ("split_fashion_mnist", {"test_subset": 2.5}, "test_subset"),
     ("split_fashion_mnist", {"class_order_seed": "x"}, "class_order_seed"),
+    ("split_fashion_mnist", {"subset_seed": -1}, "subset_seed"),
+    ("split_fashion_mnist", {"root": 3}, "root"),
+    ("split_fashion_mnist", {"fetch": "no"}, "fetch"),
+    ("split_digits", {"tasks": 4}, "tasks"),
+    ("split_digits", {"train_subset": True}, "train_subset"),
     ("permuted_fashion_mnist", {"tasks": 0}, "tasks"),
     ("permuted_fashion_mnist", {"permutation_seed": -1}, "permutation_seed"),
     ("permuted_fashion_mnist", {"train_subset": True}, "train_subset"),
+    ("permuted_fashion_mnist", {"fetch": None}, "fetch"),
     ("vader", {"domains": ["tweets", "imdb"]}, "domains"),
     ("vader", {"domains": "tweets"}, "domains"),
     ("vader", {"domains": ["nyt", "nyt"]}, "domains"),
     ("vader", {"domains": []}, "domains"),
     ("vader", {"max_length": 1}, "max_length"),
     ("vader", {"train_subset": -3}, "train_subset"),
+    ("vader", {"test_subset": 0}, "test_subset"),
     ("vader", {"split_seed": None}, "split_seed"),
+    ("vader", {"test_fraction": 1.0}, "test_fraction"),
+    ("vader", {"tokenizer": 5}, "tokenizer"),
 ])
-def test_bad_options_name_the_argument(cache, name, options, arg):
+def test_bad_options_name_the_argument(cache, no_data, name, options, arg):
+    """Refused before any data is looked for (no data is installed, every way to it raises), so a
+    bad option fails the same on every machine."""
     value = next(iter(options.values()))
     with pytest.raises(ValueError, match="^" + re.escape(f"Invalid {arg}: {value!r} (expected")):
-        ct.load_sequence(name, **options, fetch=False)  # validated before looking for any data
+        ct.load_sequence(name, **options)
+
+
+@pytest.mark.parametrize("task, options, arg", [
+    ("fashion_mnist", {"subset": 0}, "subset"),
+    ("fashion_mnist", {"subset": 2.0}, "subset"),
+    ("fashion_mnist", {"fetch": "yes"}, "fetch"),
+    ("fashion_mnist", {"root": 1.5}, "root"),
+    ("vader_movies", {"domain": "imdb"}, "domain"),
+    ("vader_movies", {"max_length": 1}, "max_length"),
+    ("vader_movies", {"test_subset": 0}, "test_subset"),
+    ("vader_movies", {"test_fraction": 0.0}, "test_fraction"),
+    ("vader_movies", {"split_seed": -1}, "split_seed"),
+    ("vader_movies", {"tokenizer": 7}, "tokenizer"),
+    ("vader_movies", {"fetch": 1}, "fetch"),
+    ("digits", {"test_size": 5}, "test_size"),
+    ("digits", {"seed": True}, "seed"),
+])
+def test_task_loaders_check_options_before_looking_for_data(cache, no_data, task, options, arg):
+    value = next(iter(options.values()))
+    with pytest.raises(ValueError, match="^" + re.escape(f"Invalid {arg}: {value!r} (expected")):
+        data.load_task(task, **options)
+
+
+def test_data_finders_check_their_arguments_before_searching(cache):
+    for find in (data.find_fashion_mnist, data.find_vader_archive):
+        with pytest.raises(ValueError, match=re.escape("Invalid root: 3 (expected None or a path)")):
+            find(root=3, fetch=False)
+        with pytest.raises(ValueError, match=re.escape("Invalid fetch: None (expected True or False)")):
+            find(fetch=None)
+
+
+def test_subset_sizes_and_seeds_are_checked(fashion):
+    for bad, arg in ((0, "subset"), (1.5, "subset"), (True, "subset")):
+        with pytest.raises(ValueError, match=re.escape(f"Invalid {arg}: {bad!r} (expected None or an int >= 1)")):
+            fashion.subset(bad)
+    with pytest.raises(ValueError, match=re.escape("Invalid seed: -1 (expected an int >= 0)")):
+        fashion.subset(5, seed=-1)
+    with pytest.raises(ValueError, match=re.escape("Invalid subset: 0 (expected None or an int >= 1)")):
+        ct.stratified_subset(fashion.y_train, 0)
+    with pytest.raises(ValueError, match=re.escape("Invalid tasks: 0 (expected an int >= 1)")):
+        ct.pixel_permutations(0)
+    assert len(fashion.subset(5).y_train) == 5 and fashion.subset(None) is fashion
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,9 +142,9 @@ def test_fp16_grad_scaler_skips_the_whole_step_on_inf_on_cuda():
     result = step([(bad, y)])
     assert result.skipped is True
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert opt.step_count == state["flat"]["step"] == 1
+    assert opt.step_count == state["flatminima"]["step"] == 1
     momentum = [s["momentum_buffer"] for s in opt.base.state_dict()["state"].values()]
-    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, state["base"]["state"].values()))
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, state["state"].values()))
     assert step([(x, y)]).skipped is False
 
 

@@ -100,3 +100,29 @@ def test_readme_deepspeed_block_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and "readme block ok" in proc.stdout, proc.stderr[-4000:]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("max_norm, norm", [(1.0, 1.0954), (0.37, 2.5), (0.37, 0.2), (1.0, 1.0 - 1e-6)])
+def test_bf16_reference_clips_exactly_as_zero(max_norm, norm):
+    """``clip_as_deepspeed`` (the bf16 reference of examples/hf_trainer_distributed.py) gives ZeRO-1/2's
+    ``unscale_and_clip_grads`` bit for bit, which ``clip_grad_norm_``'s ``max_norm / (norm + 1e-6)``
+    does not for every ``max_norm``: under bf16 a last-bit difference flips weights."""
+    import importlib.util
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_distributed.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_distributed", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    grads = [torch.randn(257, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ours = [g.clone() for g in grads]
+    example.clip_as_deepspeed(ours, norm, max_norm)
+    zero = [g.clone() for g in grads]
+    fake = type("Zero", (), {"clip_grad": max_norm, "loss_scale": 1.0, "device": "cpu"})()
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads(fake, zero, torch.tensor(norm, dtype=torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(ours, zero))
+    assert (norm + 1e-6 <= max_norm) == all(torch.equal(a, g) for a, g in zip(ours, grads))  # clipped only above
+    norms = torch.linspace(0.5, 5.0, 1000)
+    assert not torch.equal(0.37 / (norms + 1e-6), 1.0 / ((norms + 1e-6) / 0.37))  # clip_grad_norm_'s rounding

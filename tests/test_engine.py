@@ -197,10 +197,9 @@ def test_accumulating_copies_of_one_batch_is_the_single_batch_step(method, n, ac
         torch.testing.assert_close(clone_params(m2), clone_params(m1), **TIGHT)
     assert o1.step_count == o2.step_count == 4
     s1, s2 = o1.state_dict(), o2.state_dict()
-    for i in s1["base"]["state"]:
-        torch.testing.assert_close(s2["base"]["state"][i]["momentum_buffer"], s1["base"]["state"][i]["momentum_buffer"],
-                                   **TIGHT)
-    torch.testing.assert_close(s2["flat"]["state"], s1["flat"]["state"], **TIGHT)  # LookSAM's g_v
+    for i in s1["state"]:
+        torch.testing.assert_close(s2["state"][i]["momentum_buffer"], s1["state"][i]["momentum_buffer"], **TIGHT)
+    torch.testing.assert_close(s2["flatminima"]["state"], s1["flatminima"]["state"], **TIGHT)  # LookSAM's g_v
 
 
 def penalty(model):
@@ -546,7 +545,7 @@ def test_inf_on_one_micro_batch_of_the_window_skips():
     params = clone_params(model)
     inj.arm(1)  # the second clean micro-batch of three
     result = TrainStep(model, opt, inj, scaler=scaler)([batch(i, dtype=torch.float32) for i in range(3)])
-    assert result.skipped is True and opt.step_count == 0 and opt.state_dict()["base"]["state"] == {}
+    assert result.skipped is True and opt.step_count == 0 and opt.state_dict()["state"] == {}
     assert_same(clone_params(model), params)
 
 

@@ -187,9 +187,54 @@ def test_bad_configuration_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="flat_accumulation"):
         FlatMinimaTrainer(model=model, args=_args(tmp_path), train_dataset=examples, flat_accumulation="first")
     with pytest.raises(ValueError, match="flat_hyperparameters"):
-        FlatMinimaArguments(flat_hyperparameters="{rho: 1}").kwargs()
+        FlatMinimaArguments(flat_hyperparameters="{rho: 1}")
     assert FlatMinimaArguments(flat_method="mrwp", flat_hyperparameters='{"sigma": 0.02}').kwargs()["flat_hyperparameters"] \
         == {"sigma": 0.02}
+
+
+def _parse(tmp_path, *flags):
+    parser = transformers.HfArgumentParser((transformers.TrainingArguments, FlatMinimaArguments))
+    return parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), *flags])
+
+
+def test_hf_argument_parser_without_flat_flags_gives_the_defaults(tmp_path):
+    training, flat = _parse(tmp_path)
+    assert training.output_dir == str(tmp_path)
+    assert flat.kwargs() == {"flat_method": "sam", "flat_hyperparameters": {}, "flat_accumulation": "last",
+                             "flat_bn": "clean"}
+
+
+@pytest.mark.parametrize("flags, key, value", [
+    (["--flat_method", "mrwp"], "flat_method", "mrwp"),
+    (["--flat_hyperparameters", '{"rho": 0.1, "schedule": "linear"}'], "flat_hyperparameters",
+     {"rho": 0.1, "schedule": "linear"}),
+    (["--flat-hyperparameters", "{}"], "flat_hyperparameters", {}),
+    (["--flat_accumulation", "full"], "flat_accumulation", "full"),
+    (["--flat_bn", "frozen"], "flat_bn", "frozen"),
+])
+def test_hf_argument_parser_reads_each_flat_flag(tmp_path, flags, key, value):
+    _, flat = _parse(tmp_path, *flags)
+    assert flat.kwargs()[key] == value
+    assert FlatMinimaArguments(**{key: value}).kwargs() == flat.kwargs()
+
+
+def test_hf_argument_parser_refuses_bad_flat_flags_naming_them(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse: choices
+        _parse(tmp_path, "--flat_bn", "moving")
+    assert "--flat_bn" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"Invalid flat_hyperparameters: '\[1\]'"):
+        _parse(tmp_path, "--flat_hyperparameters", "[1]")
+    with pytest.raises(ValueError, match="Invalid flat_hyperparameters: \\['sigma'\\]"):
+        _parse(tmp_path, "--flat_hyperparameters", '{"sigma": 0.1}')
+    with pytest.raises(ValueError, match="samm"):
+        _parse(tmp_path, "--flat_method", "samm")
+
+
+def test_flat_minima_arguments_from_a_dict_config(tmp_path):
+    """HfArgumentParser.parse_dict (a YAML/JSON config) hands dicts over as they are."""
+    parser = transformers.HfArgumentParser((transformers.TrainingArguments, FlatMinimaArguments))
+    _, flat = parser.parse_dict({"output_dir": str(tmp_path), "flat_method": "sam", "flat_hyperparameters": {"rho": 0.2}})
+    assert flat.kwargs()["flat_hyperparameters"] == {"rho": 0.2}
 
 
 def test_the_trainers_fsdp_is_refused_before_training(tmp_path):

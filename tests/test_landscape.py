@@ -22,10 +22,11 @@ def filters(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
 
 
-def assert_filter_normalized(direction, weights, tol=1e-12):
+def assert_filter_normalized(direction, weights, tol=1e-12, centered=False):
     for d, w in zip(direction, weights):
         rows, ref = filters(d), filters(w)
-        assert rows.mean(1).abs().max() < tol
+        if centered:
+            assert rows.mean(1).abs().max() < tol
         torch.testing.assert_close(rows.norm(dim=1), ref.norm(dim=1), rtol=tol, atol=0)
 
 
@@ -41,21 +42,43 @@ def test_filter_normalized_directions_linear_and_conv():
     assert_filter_normalized([d[0], d[2]], [weights[0], weights[2]])
     assert d[2].reshape(4, -1).shape == (4, 27)  # a conv filter is an output channel (in × kh × kw)
     assert not d[1].any() and not d[3].any()  # one_d="ignore": biases do not move
-    d = filter_normalized_direction(weights, seed=3, one_d="filter")
-    assert_filter_normalized(d, weights)  # a bias is one filter: zero mean, norm ‖b‖
+    d = filter_normalized_direction(weights, seed=3, one_d="filter", center=True)
+    assert_filter_normalized(d, weights, centered=True)  # a bias is one filter: zero mean, norm ‖b‖
     # Same seed, same direction; float32 weights give float32 directions.
-    assert torch.equal(filter_normalized_direction(weights, seed=3, one_d="filter")[2], d[2])
+    assert torch.equal(filter_normalized_direction(weights, seed=3, one_d="filter", center=True)[2], d[2])
     assert filter_normalized_direction([linear.weight.float()], seed=0)[0].dtype == torch.float32
+
+
+def test_filter_normalization_only_rescales_by_default_as_li_et_al():
+    """net_plotter.py: d_i ← z_i·‖w_i‖/‖z_i‖ per filter, no centring; 1-D: zero (ignore='biasbn') or w."""
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(5, 7).to(D), nn.Conv2d(3, 4, 3).to(D)
+    weights = [linear.weight.detach(), linear.bias.detach(), conv.weight.detach(), conv.bias.detach()]
+    g = torch.Generator().manual_seed(3)
+    z = [torch.randn(w.shape, generator=g, dtype=D) for w in weights]  # the draws the direction rescales
+    d = filter_normalized_direction(weights, seed=3)
+    for k in (0, 2):
+        rows, zr, wr = filters(d[k]), filters(z[k]), filters(weights[k])
+        torch.testing.assert_close(rows, zr * (wr.norm(dim=1) / zr.norm(dim=1))[:, None], rtol=1e-14, atol=0)
+        assert rows.mean(1).abs().min() > 1e-6  # not centred
+    assert not d[1].any() and not d[3].any()
+    d = filter_normalized_direction(weights, seed=3, one_d="weight")
+    assert torch.equal(d[1], weights[1]) and torch.equal(d[3], weights[3])  # the code's d.copy_(w)
+    centred = filter_normalized_direction(weights, seed=3, center=True)
+    assert_filter_normalized([centred[0], centred[2]], [weights[0], weights[2]], centered=True)
+    assert not torch.allclose(centred[0], filter_normalized_direction(weights, seed=3)[0])
 
 
 def test_orthogonalized_pair_stays_filter_normalized():
     model = mlp()
     weights = [p.detach() for p in model.parameters()]
-    d1, d2 = landscape_directions(model, count=2, params="all", one_d="filter", orthogonalize=True, seed=4)
-    dot = sum(float((a * b).sum()) for a, b in zip(d1, d2))
-    assert abs(dot) < 1e-12
-    assert_filter_normalized(d1, weights)
-    assert_filter_normalized(d2, weights)
+    for center in (False, True):
+        d1, d2 = landscape_directions(model, count=2, params="all", one_d="filter", orthogonalize=True, seed=4,
+                                      center=center)
+        dot = sum(float((a * b).sum()) for a, b in zip(d1, d2))
+        assert abs(dot) < 1e-12
+        assert_filter_normalized(d1, weights, centered=center)
+        assert_filter_normalized(d2, weights, centered=center)
 
 
 # -- slices ----------------------------------------------------------------------------------
@@ -263,6 +286,8 @@ def test_bad_arguments_are_refused_and_leave_the_model_alone():
         (lambda: loss_landscape(model, ce, data, merged=True, params="all"), "params"),
         (lambda: loss_landscape(model, ce, data, metric_fn=3), "metric_fn"),
         (lambda: landscape_directions(model, count=3), "count"),
+        (lambda: landscape_directions(model, center=1), "center"),
+        (lambda: loss_landscape(model, ce, data, center="yes"), "center"),
         (lambda: interpolate(model, linear, ce, data), "model_b"),
         (lambda: interpolate(model, other, ce, data, buffers="b"), "buffers"),
         (lambda: interpolate(model, other, ce, data, ts=[]), "ts"),

@@ -313,3 +313,62 @@ def test_readme_lightning_block_runs(tmp_path, monkeypatch):
     exec(block, namespace)
     assert namespace["trainer"].global_step == 20
     assert not any(tmp_path.iterdir())  # nothing written (no checkpoints, no logs)
+
+
+# -- automatic optimization with a flatminima optimizer ------------------------------------------
+
+class Automatic(pl.LightningModule):
+    """What Lightning's docs teach: return the optimizer, return the loss from training_step."""
+
+    def __init__(self, net: nn.Module, batches: list):
+        super().__init__()
+        self.net, self.batches = net, batches
+
+    def training_step(self, batch, batch_idx):
+        return loss_fn(self.net, batch)
+
+    def configure_optimizers(self):
+        return fm.SAM(torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.batches, batch_size=None)
+
+
+def test_automatic_optimization_with_accumulate_grad_batches_is_refused_naming_flat_minima_module():
+    module = Automatic(make_net(bn=False), make_batches(4))
+    before = copy.deepcopy(module.net.state_dict())
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches: 2 .*FlatMinimaModule\(method, accumulate=N\)"):
+        trainer(accumulate_grad_batches=2).fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.net.state_dict().items())
+
+
+def test_automatic_optimization_16_mixed_is_refused_naming_flat_minima_module():
+    """The fp16 plugin runs Lightning's closure itself and calls step() without it: no room for the
+    method's passes. (The plugin built by hand is what Lightning builds on a GPU.)"""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = Automatic(make_net(torch.float32, bn=False), make_batches(4, dtype=torch.float32))
+    before = copy.deepcopy(module.net.state_dict())
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    with pytest.raises(ValueError, match=r"precision: '16-mixed' .*FlatMinimaModule\(method, accumulate=N\)"):
+        trainer(plugins=[plugin]).fit(module)
+    assert all(torch.equal(before[k], v) for k, v in module.net.state_dict().items())
+
+
+def test_automatic_optimization_without_accumulation_equals_the_closure_step():
+    """accumulate_grad_batches=1: Lightning's closure (training_step + backward) is re-run by the
+    method for each pass, so a run equals opt.step(closure) on the same batches, bit for bit."""
+    batches = make_batches(5)
+    module = Automatic(make_net(bn=False), batches)
+    trainer().fit(module)
+    net = make_net(bn=False)
+    opt = fm.SAM(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    for batch in batches:
+        def closure(batch=batch):
+            loss = loss_fn(net, batch)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert opt.step_count == 5 and module.optimizers().optimizer.step_count == 5
+    for k, v in net.state_dict().items():
+        assert torch.equal(module.net.state_dict()[k], v)

@@ -176,7 +176,7 @@ def test_exact_restore_and_dtypes(name, dtype):
     assert all(p.dtype == dtype and (p.grad is None or p.grad.dtype == dtype) for p in net.parameters())
     if name != "base":
         assert any(not bit_equal(before, s) for s in seen), "the method never perturbed the weights"
-    for state in opt.state.values():
+    for state in [*opt.state.values(), *opt.method_state.values()]:
         for k, v in state.items():
             if torch.is_tensor(v) and v.is_floating_point():
                 assert v.dtype == dtype, k
@@ -198,13 +198,13 @@ def test_exception_in_a_perturbed_pass_restores_everything(name):
         opt.step(net.closure(fail_on_call=fail_on))
     assert bit_equal(before, snapshot(net))
     after = opt.state_dict()
-    assert after["flat"]["step"] == state["flat"]["step"] == 2
-    assert after["flat"]["trigger"] == state["flat"]["trigger"]
-    for k, v in state["base"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], after["base"]["state"][k]["momentum_buffer"])
-    for k, v in state["flat"]["state"].items():
+    assert after["flatminima"]["step"] == state["flatminima"]["step"] == 2
+    assert after["flatminima"]["trigger"] == state["flatminima"]["trigger"]
+    for k, v in state["state"].items():
+        assert torch.equal(v["momentum_buffer"], after["state"][k]["momentum_buffer"])
+    for k, v in state["flatminima"]["state"].items():
         for key, t in v.items():
-            assert torch.equal(t, after["flat"]["state"][k][key])
+            assert torch.equal(t, after["flatminima"]["state"][k][key])
     opt.step(net.closure())  # the optimizer is usable afterwards
     assert opt.step_count == 3
 
@@ -424,3 +424,93 @@ def test_name_scope():
         fm.params_by_name(net, include="(")
     with pytest.raises(ValueError, match="at least one"):
         fm.params_by_name(net, include="conv")
+
+
+# --------------------------------------------------------------------------------------------
+# SSAM and ASAM against their official code (issue 13 §5)
+
+
+class Ties(nn.Module):
+    """``L = ½‖a[:3]‖² + ½‖b[:1]‖²``: 16 of the 20 gradient entries are exactly zero (dead units)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.arange(1.0, 13.0, dtype=torch.float64))
+        self.b = nn.Parameter(torch.full((8,), 0.5, dtype=torch.float64))
+
+    def closure(self):
+        def closure(backward: bool = True):
+            loss = 0.5 * (self.a[:3] ** 2).sum() + 0.5 * (self.b[:1] ** 2).sum()
+            if backward:
+                loss.backward()
+            return loss.detach()
+        return closure
+
+
+def test_ssam_fisher_mask_keeps_exactly_ceil_entries_under_zero_gradient_ties():
+    """⌈(1 − s)·n⌉ entries, the zero-Fisher ties filled by lowest index over the whole scope."""
+    model = Ties()
+    opt = fm.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.7, interval=1)
+    opt.step(model.closure())
+    mask = torch.cat([opt.method_state[p]["ssam_mask"].flatten() for p in (model.a, model.b)])
+    # n = 20, keep 6: the 4 nonzero entries (a[0:3], b[0]), then a[3], a[4]
+    assert mask.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 12]
+    assert [fm.methods.keep_count(s, n) for s, n in ((0.7, 10), (0.5, 5), (0.0, 7), (0.999, 10))] == [3, 3, 7, 1]
+
+
+@pytest.mark.parametrize("normalize", ["masked", "full"])
+def test_ssam_normalizations_are_the_closed_forms(normalize):
+    """``masked``: ε = ρ·(m⊙g)/‖m⊙g‖; ``full`` (official code): ε = ρ·(m⊙g)/‖g‖; m = top-4 of g²."""
+    model = Quadratic()
+    x = model.flat().detach().clone()
+    opt = fm.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, sparsity=0.5, normalize=normalize)
+    opt.step(model.closure())
+    g = model.A @ x
+    m = torch.zeros(8, dtype=torch.float64)
+    m[torch.argsort(g ** 2, descending=True)[:4]] = 1.0
+    eps = 0.05 * m * g / ((m * g).norm() if normalize == "masked" else g.norm())
+    torch.testing.assert_close(model.flat().detach(), x - 0.1 * model.A @ (x + eps), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="Invalid norm.*normalize='full'"):
+        fm.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), normalize="full", norm=3)
+    with pytest.raises(ValueError, match="Invalid normalize"):
+        fm.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), normalize="global")
+
+
+def test_asam_unscaled_is_the_official_rule_for_tensors_not_named_weight():
+    """``unscaled=params_by_name(net, exclude="weight")`` equals SamsungLabs/ASAM's ascent step:
+    T = |w| + η for names containing ``weight`` (LayerNorm's too), T = 1 for the biases."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    ref = copy.deepcopy(net)
+    rho, eta, lr = 0.5, 0.01, 0.1
+
+    def loss(model):
+        return ((model(x) - y) ** 2).mean()
+
+    # the official algorithm, written out: g ← T g for weights, ε = ρ·T g'/‖g'‖ with g' = T g
+    grads = torch.autograd.grad(loss(ref), list(ref.parameters()))
+    named = list(ref.named_parameters())
+    t = [p.detach().abs() + eta if "weight" in n else torch.ones_like(p) for n, p in named]
+    norm = torch.stack([(ti * g).norm() for ti, g in zip(t, grads)]).norm()
+    eps = [rho * ti * ti * g / norm for ti, g in zip(t, grads)]
+    with torch.no_grad():
+        for (_, p), e in zip(named, eps):
+            p.add_(e)
+    grads_at = torch.autograd.grad(loss(ref), list(ref.parameters()))
+    want = [p.detach() - e - lr * g for (_, p), e, g in zip(named, eps, grads_at)]
+
+    opt = fm.ASAM(torch.optim.SGD(net.parameters(), lr=lr), rho=rho, eta=eta,
+                  unscaled=fm.params_by_name(net, exclude="weight"))
+
+    def closure(backward=True):
+        value = loss(net)
+        if backward:
+            value.backward()
+        return value.detach()
+
+    opt.step(closure)
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="Invalid unscaled"):
+        fm.ASAM(torch.optim.SGD(net.parameters(), lr=lr), unscaled=5)

@@ -15,11 +15,14 @@ parameter), ``p`` the norm of the perturbation ball and ``q = p/(p-1)`` its dual
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .validation import check
 
 TensorList = list[Tensor]
 ScaleList = Sequence[Optional[Tensor]]
@@ -33,20 +36,36 @@ def reduction_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` per ``(device, dtype)``, in order: foreach kernels take one of each
+    per call (as ``torch.optim`` groups its tensors), and a model may mix float32 and float64."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
 def tensor_norms(tensors: Sequence[Tensor], p: float = 2.0) -> TensorList:
-    """Per-tensor ``‖t‖_p`` as 0-dim tensors in the reduction dtype (one fused launch per dtype)."""
-    if not tensors:
-        return []
-    dtype = reduction_dtype(tensors[0])
-    if p == math.inf:
-        return [n.to(dtype) for n in torch._foreach_norm(tensors, math.inf)]
-    return list(torch._foreach_norm(tensors, p, dtype=dtype))
+    """Per-tensor ``‖t‖_p`` as 0-dim tensors in each tensor's reduction dtype (one fused launch
+    per device and dtype)."""
+    tensors = list(tensors)
+    out: list = [None] * len(tensors)
+    for idx in group_by_device_and_dtype(tensors).values():
+        chunk, rdtype = [tensors[i] for i in idx], reduction_dtype(tensors[idx[0]])
+        if p == math.inf:
+            norms = [n.to(rdtype) for n in torch._foreach_norm(chunk, math.inf)]
+        else:
+            norms = torch._foreach_norm(chunk, p, dtype=rdtype)
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out
 
 
 def combine_norms(norms: Sequence[Tensor], p: float = 2.0) -> Tensor:
-    """``‖(n_1, …, n_k)‖_p``: the global p-norm from per-tensor p-norms (also over devices/ranks)."""
-    device = norms[0].device
-    stacked = torch.stack([n.to(device) for n in norms])
+    """``‖(n_1, …, n_k)‖_p``: the global p-norm from per-tensor p-norms (also over devices/ranks),
+    in the widest of their dtypes (float64 as soon as one tensor is float64)."""
+    device, dtype = norms[0].device, functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    stacked = torch.stack([n.to(device, dtype) for n in norms])
     return torch.linalg.vector_norm(stacked, p)
 
 
@@ -100,15 +119,37 @@ def dual_direction(x: Sequence[Tensor], p: float, per_tensor: bool = False,
         signs = torch._foreach_sign(x)
         d = [s * m / c.clamp_min(1).to(s.dtype) for s, m, c in zip(signs, masks, counts)]
     else:
-        q = p / (p - 1.0)
-        norms = _norms(x, q, per_tensor)
-        d = list(torch._foreach_pow(torch._foreach_abs(x), q - 1.0))
-        torch._foreach_mul_(d, torch._foreach_sign(x))
-        denominators = [n.clamp_min(TINY) ** (q - 1.0) for n in norms]
-        d = list(torch._foreach_div(d, _cast(denominators, d)))
+        d = _dual_lp(x, p, per_tensor)
     if factor is not None:
         torch._foreach_mul_(d, factor)
     return d
+
+
+def _dual_lp(x: TensorList, p: float, per_tensor: bool) -> TensorList:
+    """``sign(x)|x|^{q−1}/‖x‖_q^{q−1}`` for ``1 < p < ∞``, finite for every ``p`` and dtype.
+
+    The direction is invariant to a positive rescaling of ``x``, so it is computed from
+    ``y = |x|/max|x| ∈ [0, 1]`` (the max over the same set the norm runs over): ``y^{q−1} ≤ 1``
+    cannot overflow however large ``q = p/(p−1)`` gets as ``p → 1⁺`` (``|x|^{q−1}`` overflows or
+    underflows to 0/0 from p ≈ 1.001), and ``‖y‖_q^{q−1} = S^{1/p}`` with ``S = Σ y^q = Σ y^{q−1}·y
+    ∈ [1, n]`` (``(q−1)/q = 1/p``), so the denominator needs no power ``q−1`` either (raising a
+    rounded norm to ``q−1 ≈ 10⁴`` would multiply its rounding error by ``10⁴``). As ``p → 1⁺``,
+    ``y^{q−1}`` tends to the indicator of the peak entries and ``d`` to the ``p = 1`` maximiser.
+    ``x = 0`` gives ``d = 0``.
+    """
+    q = p / (p - 1.0)
+    peaks = _norms(x, math.inf, per_tensor)
+    # A zero peak (x = 0) divides by 1 instead: y = 0, then d = 0 below.
+    y = list(torch._foreach_div(torch._foreach_abs(x), _cast([m + (m == 0).to(m.dtype) for m in peaks], x)))
+    d = list(torch._foreach_pow(y, q - 1.0))
+    terms = torch._foreach_mul(d, y)
+    sums = [t.sum(dtype=reduction_dtype(t)) for t in terms]
+    del terms, y
+    if not per_tensor:
+        total = torch.stack([s.to(sums[0].device) for s in sums]).sum()
+        sums = [total] * len(x)
+    torch._foreach_mul_(d, torch._foreach_sign(x))
+    return list(torch._foreach_div(d, _cast([s.clamp_min(TINY) ** (1.0 / p) for s in sums], d)))
 
 
 def ascent_direction(grads: Sequence[Tensor], scale: ScaleList, p: float, per_tensor: bool = False,
@@ -179,8 +220,7 @@ def project(a: TensorList, scale: ScaleList, radius: Sequence[float | Tensor], p
                 bound = r * s
                 x.copy_(torch.minimum(torch.maximum(x, -bound), bound))
         return a
-    if p != 2:
-        raise ValueError(f"projection is defined for norm 2 or inf, got {p}")
+    check("norm", p == 2, p, "2 or inf: the projections GA-SAM defines")
     inv = inverse(scale) if inv_scale is None else inv_scale
     scaled = _mul(a, inv)
     if not per_tensor and uniform:

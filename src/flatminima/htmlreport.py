@@ -19,13 +19,13 @@ import base64
 import html
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from .validation import check
 
 __all__ = ["Section", "Table", "table_from_markdown", "write_html_report"]
 
@@ -153,11 +153,9 @@ def _render_table(table: Table) -> str:
 
 def _embed_figure(path: Union[Path, str]) -> str:
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"figure not found: {str(path)!r}")
+    check("figure", p.is_file(), str(path), "an existing image file (figure not found)")
     mime = _MIME.get(p.suffix.lower())
-    if mime is None:
-        raise ValueError(f"figure {str(path)!r}: unsupported format {p.suffix!r} (use one of {sorted(_MIME)})")
+    check("figure", mime is not None, str(path), f"one of the formats {sorted(_MIME)} (unsupported format {p.suffix!r})")
     data = base64.b64encode(p.read_bytes()).decode("ascii")
     name = html.escape(p.name)
     return (f'<figure><img src="data:{mime};base64,{data}" alt="{name}">'
@@ -287,16 +285,6 @@ def write_html_report(path: Union[Path, str], title: str, sections: list[Section
     Raises ValueError naming the figure when a figure file is missing or of an unsupported format
     (before anything is written).
     """
-    path = Path(path)
-    text = render_html(title, sections, subtitle)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from ._files import write_text
+
+    return write_text(path, render_html(title, sections, subtitle))

@@ -29,7 +29,7 @@ from . import _triton
 from ._functional import is_sharded
 from .methods import SAM, register
 from .optim import FlatOptimizer, MixGradient, Pass, Perturbation
-from .validation import check
+from .validation import check, check_bool, check_choice, check_fraction
 from .schedules import Cosine
 
 #: Base layers whose weight the functional noise can replace.
@@ -39,6 +39,7 @@ NOISY_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     """The PEFT LoRA layers of ``model`` whose base layer is an ``nn.Linear``, ``nn.Conv{1,2,3}d``
     or ``nn.Embedding``."""
+    check("model", isinstance(model, nn.Module), type(model).__name__, "a torch.nn.Module (a PEFT model with LoRA layers)")
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -68,7 +69,7 @@ def lora_parameters(model: nn.Module, adapter: Optional[str] = None, factors: st
     """The LoRA factors of ``model`` from PEFT's structure: ``A`` and/or ``B`` (``factors``) of
     ``adapter`` (default: the active adapters) in every LoRA layer. A scope for SAM-LoRA, RWP on
     A/B, or any method: ``fm.SAM(base, scope=lora_parameters(model))``."""
-    check("factors", factors in ("A", "B", "AB"), factors, "'A', 'B' or 'AB'")
+    check_choice("factors", factors, ("A", "B", "AB"))
     layers = lora_layers(model)
     if adapter is not None:
         known = sorted({n for layer in layers for n in (*layer.lora_A, *layer.lora_embedding_A)})
@@ -325,9 +326,9 @@ class MergedWeightNoise(Perturbation):
     supports_sharded = True
 
     def __init__(self, model: nn.Module, noise: str = "flatlora", whole_model: bool = False, kernel: str = "auto"):
-        check("noise", noise in ROW_SCALES, noise, f"one of {', '.join(ROW_SCALES)}")
-        check("whole_model", isinstance(whole_model, bool), whole_model, "True or False")
-        check("kernel", kernel in KERNELS, kernel, f"one of {', '.join(KERNELS)}")
+        check_choice("noise", noise, ROW_SCALES)
+        check_bool("whole_model", whole_model)
+        check_choice("kernel", kernel, KERNELS)
         check("model", bool(lora_layers(model)), type(model).__name__,
               "a PEFT model with LoRA layers on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding modules")
         self.noise, self.whole_model, self.kernel = noise, whole_model, kernel
@@ -388,8 +389,7 @@ class FlatLoRA(FlatOptimizer):
     def __init__(self, base, model: nn.Module, rho: float = 0.05, noise: str = "flatlora",
                  whole_model: bool = False, noisy_weight: float = 1.0, schedule=None, total_steps=None,
                  kernel: str = "auto", **common):
-        check("noisy_weight", isinstance(noisy_weight, (int, float)) and 0.0 <= noisy_weight <= 1.0, noisy_weight,
-              "a float in [0, 1]")
+        check_fraction("noisy_weight", noisy_weight)
         perturbation = MergedWeightNoise(model, noise, whole_model, kernel)
         combination = MixGradient(float(noisy_weight)) if noisy_weight < 1.0 else None
         super().__init__(base, perturbation=perturbation, combination=combination, strength=rho,

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Union
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .optim import Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise, RandomSearch, RankSplit, closure_accepts
-from .validation import check, check_int, check_nonnegative, check_norm
+from . import _functional as F
+from .validation import (check, check_bool, check_choice, check_fraction, check_int, check_nonnegative, check_norm,
+                         check_positive, check_range, check_real, is_real)
 from .registry import Registry
 from .scale import GRANULARITIES, KINDS, Scale
 from .schedules import AdaptiveThreshold, Cosine, Every, Probability, StartAt, step_generator
@@ -71,12 +74,28 @@ COMMON = ("schedule", "total_steps", "scope", "seed", "sync_perturbation", "asce
 
 
 def _per_tensor(normalization: str) -> bool:
-    check("normalization", normalization in ("global", "per_tensor"), normalization, "'global' or 'per_tensor'")
-    return normalization == "per_tensor"
+    return check_choice("normalization", normalization, ("global", "per_tensor")) == "per_tensor"
 
 
-def _check_choice(name: str, value: Any, choices) -> None:
-    check(name, value in choices, value, f"one of {', '.join(map(str, choices))}")
+def _below_one(name: str, value: Any) -> float:
+    """A decay or sparsity: a number in ``[0, 1)``."""
+    return check_range(name, value, 0.0, 1.0, high_open=True)
+
+
+def _tensor_predicate(name: str, spec: Any) -> Optional[Callable[[Tensor], bool]]:
+    """``None``, a module, a predicate of a tensor or an iterable of tensors, as a predicate."""
+    if spec is None:
+        return None
+    if isinstance(spec, torch.nn.Module):
+        ids = {id(p) for p in spec.parameters()}
+    elif callable(spec):
+        return spec
+    else:
+        items = list(spec) if isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Tensor)) else None
+        check(name, items is not None and all(isinstance(t, Tensor) for t in items), type(spec).__name__,
+              "None, a module, a predicate of a tensor or an iterable of parameters")
+        ids = {id(p) for p in items}
+    return lambda p: id(p) in ids
 
 
 @register("base", "none", "sgd")
@@ -102,7 +121,7 @@ class SAM(FlatOptimizer):
     def __init__(self, base, rho: float = 0.05, norm: Union[float, str] = 2, normalization: str = "global",
                  different_batches: bool = False, **common):
         p = check_norm("norm", norm)
-        check("different_batches", isinstance(different_batches, bool), different_batches, "True or False")
+        check_bool("different_batches", different_batches)
         super().__init__(base, perturbation=Adversarial(norm=p, per_tensor=_per_tensor(normalization),
                                                         different_batches=different_batches),
                          strength=rho, **common)
@@ -112,16 +131,20 @@ class SAM(FlatOptimizer):
 class ASAM(FlatOptimizer):
     """Adaptive SAM (Kwon et al., ICML 2021): ``T = |w| + η``, ``ε = ρ·T²g/‖Tg‖₂``.
 
-    ``granularity="filter"`` uses ``T = ‖w_{i,:}‖₂ + η`` per output row. The scale applies to every
-    scoped tensor (the paper's definition; exclude biases with ``scope``). Typical ρ is 10× SAM's.
+    ``granularity="filter"`` uses ``T = ‖w_{i,:}‖₂ + η`` per output row. By default the scale applies
+    to every scoped tensor (the paper's definition). ``unscaled`` names tensors that get ``T = 1``
+    instead (their ``ε = ρ·g/‖Tg‖₂``, still inside the one norm): a module, a predicate of a tensor
+    or an iterable of parameters. The official code (SamsungLabs/ASAM) scales the parameters whose
+    name contains ``weight`` and perturbs the others (biases) with ``T = 1``:
+    ``unscaled=fm.params_by_name(model, exclude="weight")``. Typical ρ is 10× SAM's.
     Cost: 2 forward/backward passes.
     """
 
     def __init__(self, base, rho: float = 0.5, eta: float = 0.01, granularity: str = "element",
-                 norm: Union[float, str] = 2, normalization: str = "global", **common):
-        _check_choice("granularity", granularity, ("element", "filter"))
+                 norm: Union[float, str] = 2, normalization: str = "global", unscaled=None, **common):
+        check_choice("granularity", granularity, ("element", "filter"))
         p = check_norm("norm", norm)
-        scale = Scale("w", granularity, eta)
+        scale = Scale("w", granularity, eta, unit=_tensor_predicate("unscaled", unscaled))
         super().__init__(base, perturbation=Adversarial(norm=p, scale=scale, per_tensor=_per_tensor(normalization)),
                          strength=rho, **common)
 
@@ -164,10 +187,9 @@ class GASAM(FlatOptimizer):
         check_int("steps", steps, 1)
         p = check_norm("norm", norm)
         check("norm", p in (2.0, math.inf), norm, "2 or 'inf' (the projections GA-SAM defines)")
-        _check_choice("granularity", granularity, GRANULARITIES)
-        _check_choice("scale", scale, KINDS)
-        check("step_size", isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0,
-              step_size, "a finite float > 0")
+        check_choice("granularity", granularity, GRANULARITIES)
+        check_choice("scale", scale, KINDS)
+        check_positive("step_size", step_size)
         check_int("start_step", start_step, 0)
         perturbation = Adversarial(norm=p, scale=Scale(scale, granularity), steps=steps, project=True,
                                    step_size=step_size, per_tensor=_per_tensor(normalization))
@@ -211,7 +233,7 @@ class StochasticSAM(FlatOptimizer):
     def __init__(self, base, rho: float = 0.05, p: Union[float, Callable[[int], float]] = 0.5,
                  norm: Union[float, str] = 2, normalization: str = "global", **common):
         if not callable(p):
-            check("p", isinstance(p, (int, float)) and 0.0 <= p <= 1.0, p, "a float in [0, 1] or a callable of the step")
+            check("p", is_real(p) and 0.0 <= p <= 1.0, p, "a number in [0, 1] or a callable of the step")
         q = check_norm("norm", norm)
         seed = common.get("seed", 0)
         super().__init__(base, perturbation=Adversarial(norm=q, per_tensor=_per_tensor(normalization)),
@@ -229,52 +251,83 @@ class AESAM(FlatOptimizer):
 
     def __init__(self, base, rho: float = 0.05, decay: float = 0.9, c_start: float = -1.0, c_end: float = 1.0,
                  norm: Union[float, str] = 2, normalization: str = "global", **common):
-        check("decay", isinstance(decay, (int, float)) and 0.0 <= decay < 1.0, decay, "a float in [0, 1)")
-        for name, c in (("c_start", c_start), ("c_end", c_end)):
-            check(name, isinstance(c, (int, float)) and math.isfinite(c), c, "a finite float")
+        _below_one("decay", decay)
+        check_real("c_start", c_start)
+        check_real("c_end", c_end)
         q = check_norm("norm", norm)
         trigger = AdaptiveThreshold(decay, c_start, c_end, common.get("total_steps"))
         super().__init__(base, perturbation=Adversarial(norm=q, per_tensor=_per_tensor(normalization)),
                          trigger=trigger, strength=rho, **common)
 
 
+def keep_count(sparsity: float, n: int) -> int:
+    """``⌈(1 − s)·n⌉`` entries kept, from the decimal value of ``s`` (``s = 0.7``, ``n = 10`` keeps 3,
+    not the 4 that the float ``(1 − 0.7)·10 = 3.0000000000000004`` would give); at least 1."""
+    return max(1, math.ceil((1 - Fraction(repr(float(sparsity)))) * n))
+
+
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """Exactly ``k`` True entries at the largest ``scores``; ties at the k-th value go to the lowest
+    indices (deterministic, unlike ``torch.topk``'s order), e.g. all-zero gradients of dead units."""
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    above, tied = scores > kth, scores == kth
+    return above | (tied & (tied.cumsum(0) <= k - above.sum()))
+
+
 class SparseMask:
     """SSAM's sparse perturbation mask (Mi et al., NeurIPS 2022), ``sparsity`` = fraction left out.
 
-    ``mode="fisher"``: keep the top ``1 − sparsity`` entries of the empirical Fisher ``g⊙g`` of the
-    clean gradient, refreshed every ``interval`` steps. ``mode="random"``: a random mask; every
-    ``interval`` steps a ``fraction`` of its entries is dropped at random and as many are grown at
-    random among the others (dynamic sparse training), so the sparsity stays exact.
+    Exactly ``⌈(1 − sparsity)·n⌉`` of the ``n`` scoped entries are kept (:func:`keep_count`).
+    ``mode="fisher"``: the top entries of the empirical Fisher ``g⊙g`` of the clean gradient over the
+    whole scope (:func:`top_k_mask`), refreshed every ``interval`` steps. ``mode="random"``: a random
+    mask; every ``interval`` steps a ``fraction`` of its entries is dropped at random and as many are
+    grown at random among the others (dynamic sparse training), so the sparsity stays exact.
+
+    ``normalize`` (:meth:`ascent`): ``"masked"`` gives ``ε = ρ·(m⊙g)/‖m⊙g‖``, the maximiser over the
+    masked ball (‖ε‖ = ρ); ``"full"`` gives the official code's ``ε = ρ·(m⊙g)/‖g‖`` (‖ε‖ ≤ ρ).
     """
 
-    def __init__(self, mode: str, sparsity: float, interval: int, fraction: float, seed: int):
+    def __init__(self, mode: str, sparsity: float, interval: int, fraction: float, seed: int,
+                 normalize: str = "masked"):
         self.mode, self.sparsity, self.interval, self.fraction, self.seed = mode, sparsity, interval, fraction, seed
+        self.normalize = normalize
 
     def __repr__(self) -> str:
-        return f"SparseMask({self.mode!r}, sparsity={self.sparsity}, interval={self.interval})"
+        return (f"SparseMask({self.mode!r}, sparsity={self.sparsity}, interval={self.interval}, "
+                f"normalize={self.normalize!r})")
 
     def __call__(self, opt: FlatOptimizer, params: list[Tensor], grads: list[Tensor]):
-        masks = [opt.state[p].get("ssam_mask") for p in params]
+        masks = [opt.method_state[p].get("ssam_mask") for p in params]
         step = opt.step_count
         if all(m is not None for m in masks) and step % self.interval != 0:
             return masks, None
         sizes = [p.numel() for p in params]
         n = sum(sizes)
-        keep = max(1, math.ceil((1.0 - self.sparsity) * n))
+        keep = keep_count(self.sparsity, n)
         with torch.no_grad():
             if self.mode == "fisher":
-                fisher = torch.cat([(g.detach().float() ** 2).flatten() for g in grads])
-                threshold = torch.topk(fisher, keep, sorted=False).values.min()
-                flat = fisher >= threshold
+                flat = top_k_mask(torch.cat([(g.detach().float() ** 2).flatten() for g in grads]), keep)
             else:
                 flat = self._random(masks, sizes, n, keep, step, params[0].device)
         new = [m.view_as(p) for m, p in zip(torch.split(flat, sizes), params)]
 
         def commit():
             for p, m in zip(params, new):
-                opt.state[p]["ssam_mask"] = m
+                opt.method_state[p]["ssam_mask"] = m
 
         return new, commit
+
+    def ascent(self, g: list[Tensor], masks: list[Tensor], scale, p: float, per_tensor: bool,
+               factor: Optional[float]) -> list[Tensor]:
+        """The masked ascent step ``factor·T ⊙ dual(T ⊙ (m⊙g))``; with ``normalize="full"`` (p = 2,
+        T = 1) multiplied by ``‖m⊙g‖/‖g‖`` (per tensor with ``per_tensor``), i.e. ``ρ·(m⊙g)/‖g‖``."""
+        gm = torch._foreach_mul(g, masks)
+        u = F.ascent_direction(gm, scale, p, per_tensor, factor)
+        if self.normalize == "full":
+            kept = F._norms(gm, 2.0, per_tensor)
+            ratios = [k / n.clamp_min(F.TINY) for k, n in zip(kept, F._norms(g, 2.0, per_tensor))]
+            torch._foreach_mul_(u, F._cast(ratios, u))
+        return u
 
     def _random(self, masks, sizes, n, keep, step, device) -> Tensor:
         gen = step_generator(self.seed, step, stream=2)
@@ -293,19 +346,24 @@ class SparseMask:
 
 @register("ssam")
 class SSAM(FlatOptimizer):
-    """Sparse SAM (Mi et al., NeurIPS 2022): SAM with ε restricted to a sparse mask,
-    ``ε = ρ·(m⊙g)/‖m⊙g‖``; see :class:`SparseMask` for ``mask``, ``interval`` and ``fraction``.
+    """Sparse SAM (Mi et al., NeurIPS 2022): SAM with ε restricted to a sparse mask ``m``,
+    ``ε = ρ·(m⊙g)/‖m⊙g‖`` (``normalize="masked"``, the exact maximiser over the masked ball) or the
+    official code's ``ε = ρ·(m⊙g)/‖g‖`` (``normalize="full"``, L2 only); see :class:`SparseMask` for
+    ``mask``, ``interval`` and ``fraction``.
     Cost: 2 forward/backward passes (the sparse ε is what a sparse-aware backend can exploit).
     """
 
     def __init__(self, base, rho: float = 0.05, sparsity: float = 0.5, mask: str = "fisher", interval: int = 10,
-                 fraction: float = 0.5, norm: Union[float, str] = 2, normalization: str = "global", **common):
-        check("sparsity", isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0, sparsity, "a float in [0, 1)")
-        _check_choice("mask", mask, ("fisher", "random"))
+                 fraction: float = 0.5, norm: Union[float, str] = 2, normalization: str = "global",
+                 normalize: str = "masked", **common):
+        _below_one("sparsity", sparsity)
+        check_choice("mask", mask, ("fisher", "random"))
         check_int("interval", interval, 1)
-        check("fraction", isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0, fraction, "a float in [0, 1]")
+        check_fraction("fraction", fraction)
         q = check_norm("norm", norm)
-        sparse = SparseMask(mask, float(sparsity), interval, float(fraction), common.get("seed", 0))
+        check_choice("normalize", normalize, ("masked", "full"))
+        check("norm", normalize == "masked" or q == 2.0, norm, "2 with normalize='full' (the official code's L2 form)")
+        sparse = SparseMask(mask, float(sparsity), interval, float(fraction), common.get("seed", 0), normalize)
         super().__init__(base, perturbation=Adversarial(norm=q, per_tensor=_per_tensor(normalization), mask=sparse),
                          strength=rho, **common)
 
@@ -334,10 +392,9 @@ NOISE_SCALES = {
 
 
 def _random_noise(noise: str, fisher_eta: float, fisher_decay: float, **options) -> RandomNoise:
-    _check_choice("noise", noise, tuple(NOISE_SCALES))
+    check_choice("noise", noise, tuple(NOISE_SCALES))
     check_nonnegative("fisher_eta", fisher_eta)
-    check("fisher_decay", isinstance(fisher_decay, (int, float)) and 0.0 <= fisher_decay < 1.0, fisher_decay,
-          "a float in [0, 1)")
+    _below_one("fisher_decay", fisher_decay)
     return RandomNoise(NOISE_SCALES[noise], float(fisher_eta), float(fisher_decay), **options)
 
 
@@ -384,10 +441,9 @@ class MRWP(FlatOptimizer):
     def __init__(self, base, sigma: float = 0.015, noisy_weight: float = 0.5, noise: str = "filter",
                  different_batches: bool = False, fisher_eta: float = 0.0, fisher_decay: float = 0.99,
                  parallel: bool = False, noisy_ranks: Union[int, None] = None, **common):
-        check("noisy_weight", isinstance(noisy_weight, (int, float)) and 0.0 <= noisy_weight <= 1.0, noisy_weight,
-              "a float in [0, 1]")
-        check("different_batches", isinstance(different_batches, bool), different_batches, "True or False")
-        check("parallel", isinstance(parallel, bool), parallel, "True or False")
+        check_fraction("noisy_weight", noisy_weight)
+        check_bool("different_batches", different_batches)
+        check_bool("parallel", parallel)
         check("parallel", not (parallel and different_batches), parallel,
               "False with different_batches=True (in parallel each rank has its own batch)")
         if noisy_ranks is not None:
@@ -411,13 +467,13 @@ class MRWP(FlatOptimizer):
                                "flatminima.TrainStep, or step(closure) with a closure(loss_weight=1.0) that calls "
                                "(loss * loss_weight).backward(); the explicit form is not supported")
 
-    def perturbed(self, forward=None):
+    def perturbed(self, forward=None, scaler=None):
         self._refuse_explicit()
-        return super().perturbed(forward)
+        return super().perturbed(forward, scaler)
 
-    def perturbations(self, forward=None):
+    def perturbations(self, forward=None, scaler=None):
         self._refuse_explicit()
-        return super().perturbations(forward)
+        return super().perturbations(forward, scaler)
 
     def step(self, closure=None, batches=None):
         if self.parallel and (closure is None and self._plan_gen is None

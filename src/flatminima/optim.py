@@ -20,17 +20,21 @@ step), a trigger (when to perturb) and a scope (which tensors move).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from . import _amp
 from . import _functional as F
+from ._checkpoint import checked_state_dict
+from ._framework_loops import refuse_framework_loop
 from .schedules import Always, Trigger, derive_seed, strength_schedule
 from .validation import check, check_int, check_nonnegative, check_norm, is_real  # noqa: F401 (re-exported)
 
@@ -158,12 +162,12 @@ class LookSAMGradient(Combination):
 
         def commit():
             for p, v in zip(params, g_v):
-                opt.state[p]["looksam_gv"] = v
+                opt.method_state[p]["looksam_gv"] = v
 
         return commit
 
     def off_step(self, opt, params):
-        pairs = [(p, opt.state[p].get("looksam_gv")) for p in params if p.grad is not None]
+        pairs = [(p, opt.method_state[p].get("looksam_gv")) for p in params if p.grad is not None]
         pairs = [(p, v) for p, v in pairs if v is not None]
         if not pairs:
             return
@@ -266,9 +270,10 @@ class Adversarial(Perturbation):
             for k in range(1, self.steps + 1):
                 with torch.no_grad():
                     g = opt.ascent_gradients(params, grads, gidx)
-                    if mask is not None:
-                        g = torch._foreach_mul(g, mask)
-                    u = F.ascent_direction(g, scale, self.norm, self.per_tensor, factor)
+                    if mask is None:
+                        u = F.ascent_direction(g, scale, self.norm, self.per_tensor, factor)
+                    else:  # the mask owns how it enters (SSAM's two normalizations)
+                        u = self.mask.ascent(g, mask, scale, self.norm, self.per_tensor, factor)
                     del g
                     if factor is None:
                         F.scale_by_group(u, sizes, gidx)
@@ -342,6 +347,10 @@ class RandomSearch(Perturbation):
                 # With a shared ε the ranks draw the same candidates and compare global losses; with
                 # sharded parameters (FSDP2) the choice must be one for all shards, so always.
                 loss = yield Pass("probe", backward=False, sync=opt.sync_perturbation or sharded)
+                check("closure", (torch.is_tensor(loss) and loss.numel() == 1) or is_real(loss),
+                      f"a closure returning {type(loss).__name__}",
+                      f"a closure (or forward=) that returns the loss, a number or a one-element tensor: "
+                      f"{type(opt).__name__} picks the candidate with the highest loss")
                 losses.append(torch.as_tensor(loss).detach().reshape(()))
                 F.restore_(params, saved)
             # In the explicit form the clean loss may be unknown: the clean point is then no candidate.
@@ -416,7 +425,7 @@ class RandomNoise(Perturbation):
                 z = _shard_like(z, p)
             if s is not None:
                 z.mul_(s)
-            fisher = opt.state[p].get("fisher") if self.fisher_eta else None
+            fisher = opt.method_state[p].get("fisher") if self.fisher_eta else None
             if fisher is not None:
                 z.div_(torch.sqrt(1.0 + self.fisher_eta * fisher))
             yield z.mul_(sigma[gidx[i]])
@@ -457,8 +466,8 @@ class RandomNoise(Perturbation):
 
         def commit():
             for p, sq in grads:
-                old = opt.state[p].get("fisher")
-                opt.state[p]["fisher"] = sq.mul_(1 - beta) if old is None else old.mul_(beta).add_(sq, alpha=1 - beta)
+                old = opt.method_state[p].get("fisher")
+                opt.method_state[p]["fisher"] = sq.mul_(1 - beta) if old is None else old.mul_(beta).add_(sq, alpha=1 - beta)
 
         return commit
 
@@ -545,7 +554,7 @@ def params_by_name(model: torch.nn.Module, include: Optional[str] = None, exclud
             try:
                 patterns[name] = re.compile(pattern)
             except (re.error, TypeError) as exc:
-                raise ValueError(f"Invalid {name}: {pattern!r} (expected a regular expression: {exc})") from None
+                check(name, False, pattern, f"a regular expression: {exc}")
     chosen = [p for n, p in model.named_parameters()
               if ("include" not in patterns or patterns["include"].search(n))
               and not ("exclude" in patterns and patterns["exclude"].search(n))]
@@ -553,15 +562,23 @@ def params_by_name(model: torch.nn.Module, include: Optional[str] = None, exclud
     return chosen
 
 
+_SCOPE_KINDS = "None, an nn.Module, an iterable of parameters, or a callable parameter -> bool"
+
+
 def _scope_predicate(scope: ScopeSpec) -> Optional[Callable[[Tensor], bool]]:
+    """``scope`` as a predicate on parameters (None: every parameter)."""
     if scope is None:
         return None
     if callable(scope) and not isinstance(scope, torch.nn.Module):
         return scope
     if isinstance(scope, torch.nn.Module):
-        ids = {id(p) for p in scope.parameters()}
-    else:
-        ids = {id(p) for p in scope}
+        scope = list(scope.parameters())
+    # A string is an iterable of characters, a tensor one of rows: neither lists parameters.
+    ok = isinstance(scope, Iterable) and not isinstance(scope, (str, bytes, Tensor))
+    items = list(scope) if ok else []
+    check("scope", ok and all(isinstance(p, Tensor) for p in items), scope if not ok else type(scope).__name__,
+          _SCOPE_KINDS)
+    ids = {id(p) for p in items}
     return lambda p: id(p) in ids
 
 
@@ -574,8 +591,10 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     Shares ``base.param_groups``; the method's strength (``strength_key``, e.g. ``rho``) is a
     per-group hyperparameter there, multiplied by ``schedule(step, group)``. ``step(closure)``
-    returns the clean loss. ``state_dict`` holds the base optimizer's state, the step counter and
-    the method's state, so a resumed run continues bit-identically.
+    returns the clean loss. ``state`` is the base optimizer's state (shared too); the method's
+    own per-parameter state is :attr:`method_state`. ``state_dict`` is torch's layout with the step
+    counter and the method's state under ``"flatminima"``, so a resumed run continues
+    bit-identically. A base optimizer takes one method: wrapping it twice is refused.
     """
 
     method_name = "base"
@@ -589,6 +608,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
         if isinstance(base, FlatOptimizer):
             raise TypeError("base is already a flatminima optimizer; wrap the plain optimizer instead")
+        owner = FlatOptimizer.wrapping(base)
+        # Two methods on one base would share its param_groups: the second one's strength would be
+        # the first one's (setdefault), and each would step the other's parameters.
+        check("base", owner is None, f"{type(base).__name__} already wrapped by {type(owner).__name__}",
+              "a base optimizer not wrapped by another flatminima method: build a new base optimizer "
+              "for each method")
         check_nonnegative(strength_key, strength)
         for i, group in enumerate(base.param_groups):
             if strength_key in group:
@@ -621,11 +646,18 @@ class FlatOptimizer(torch.optim.Optimizer):
             group.setdefault(strength_key, strength)
             group.setdefault("initial_lr", group["lr"])
         self.param_groups = base.param_groups  # shared, not copied
+        self.state = base.state  # shared too: ``opt.state`` is the base optimizer's, as torch expects
+        #: The method's own per-parameter state (LookSAM's ``g_v``, SSAM's mask, the Fisher EMA).
+        self.method_state: defaultdict[Tensor, dict] = defaultdict(dict)
+        base._flatminima_method = self
+        self._fresh_trigger = copy.deepcopy(self.trigger.state_dict())  # a plain checkpoint restarts it
         self._step = 0
         self._plan_gen: Optional[Plan] = None
         self._request: Optional[Pass] = None
         self._answering: Optional[Pass] = None  # the pass whose result _advance receives next
         self._commits: list = []
+        self._explicit_amp: Optional[tuple[Any, Tensor]] = None  # (scaler, found_inf) of an explicit step
+        self._explicit = False
         self._tracking: Optional[dict] = None
         self.statistics: dict[str, Any] = {}
 
@@ -634,6 +666,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         return (f"{type(self).__name__}({self.strength_key}={self.defaults[self.strength_key]}, "
                 f"perturbation={self.perturbation!r}, combination={self.combination!r}, "
                 f"trigger={self.trigger!r}, base={type(self.base).__name__})")
+
+    @staticmethod
+    def wrapping(base: torch.optim.Optimizer) -> Optional["FlatOptimizer"]:
+        """The flatminima method built on ``base`` (None if none is)."""
+        return getattr(base, "_flatminima_method", None)
 
     @property
     def step_count(self) -> int:
@@ -763,10 +800,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         except StopIteration as stop:
             self._commits = [c for c in (stop.value or []) if c is not None]
             self._request = None
+            if self._explicit_amp is not None:
+                self._record_explicit_amp()
         self._answering = self._request
 
     def _start(self) -> Pass:
         self._plan_gen = self._plan()
+        self._explicit = False  # set by the explicit form, whose caller runs the passes
         self._request = None
         self._commits = []
         if self._tracking is not None:
@@ -779,6 +819,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if self._plan_gen is not None:
             self._plan_gen.close()
         self._plan_gen, self._request, self._answering, self._commits = None, None, None, []
+        self._explicit_amp = None
         if self._tracking is not None:
             self._tracking["pending"], self._tracking["clean_grad"] = {}, None
 
@@ -818,11 +859,40 @@ class FlatOptimizer(torch.optim.Optimizer):
         if self._tracking is not None:
             self._tracking["pending"], self._tracking["clean_grad"] = {}, None
         self._plan_gen, self._request, self._commits = None, None, []
+        self._explicit_amp = None
 
     # -- explicit form -----------------------------------------------------------------------
-    def _ensure_started(self, forward: Optional[Callable[[], Any]] = None) -> None:
+    def _unscale_explicit(self) -> None:
+        """Unscale the pass just run (explicit form with ``scaler=``): ε needs true gradients."""
+        if self._explicit_amp is not None:
+            scaler, found_inf = self._explicit_amp
+            _amp.unscale_(scaler, [p.grad for p in self.all_params_with_grad()], found_inf)
+
+    def _record_explicit_amp(self) -> None:
+        """The step's passes are done: hand the unscaled result to ``scaler.step(opt)``."""
+        scaler, found_inf = self._explicit_amp
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Unsynced passes may overflow on one rank only: every rank must skip together.
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+        _amp.record_unscaled(scaler, self, found_inf)
+
+    def _ensure_started(self, forward: Optional[Callable[[], Any]] = None, scaler: Any = None) -> None:
+        if self._plan_gen is not None and self._request is None and self._explicit_amp is not None:
+            # The last explicit step ran all its passes but ``scaler.step`` skipped it (inf/NaN):
+            # its uncommitted method state is dropped, the step is not counted.
+            self.finish_step(skipped=True)
         if self._plan_gen is None:
+            check("scaler", scaler is None or isinstance(scaler, torch.amp.GradScaler), type(scaler).__name__,
+                  "None or a torch.amp.GradScaler")
+            if _amp.enabled(scaler):
+                check("scaler", scaler._scale is not None, "a GradScaler that has not scaled a loss yet",
+                      "the GradScaler of this step's scaler.scale(loss).backward()")
             request = self._start()
+            self._explicit = True
+            if _amp.enabled(scaler):
+                self._explicit_amp = (scaler, _amp.new_found_inf(scaler._scale.device))
+                if request.role == "clean" and request.backward:
+                    self._unscale_explicit()  # the caller's clean backward
             # The caller has already run the clean pass. A method that wants only the clean loss
             # (random search) gets it from ``forward`` when given; a method without a clean pass
             # (RWP) starts with a perturbed pass, which the caller runs next.
@@ -846,16 +916,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         return self._request
 
     @contextlib.contextmanager
-    def perturbed(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[bool]:
+    def perturbed(self, forward: Optional[Callable[[], Any]] = None, scaler: Any = None) -> Iterator[bool]:
         """Run the body (a forward and backward) at the perturbed weights; restore on exit.
 
         Call after the clean forward/backward, then call ``step()``. Yields whether the weights
         are perturbed this step: when the method skips this step (a trigger that did not fire)
         the body's gradients are discarded and the clean gradient is kept. Methods with several
         perturbed passes (GA-SAM ``steps > 1``) need one ``perturbed()`` block per pass, or use
-        ``perturbations()``. If the body raises, the weights are restored exactly.
+        ``perturbations()``. If the body raises, the weights are restored exactly. ``scaler``: the
+        fp16 ``GradScaler`` of the backward passes (see :meth:`perturbations`).
         """
-        self._ensure_started(forward)
+        self._ensure_started(forward, scaler)
         request = self._next_backward_request(forward)
         if request is None:
             stash = [(p, p.grad) for g in self.param_groups for p in g["params"]]
@@ -872,17 +943,26 @@ class FlatOptimizer(torch.optim.Optimizer):
         except BaseException:
             self.abort()
             raise
+        self._unscale_explicit()
         self._advance(None)
 
-    def perturbations(self, forward: Optional[Callable[[], Any]] = None) -> Iterator[Pass]:
+    def perturbations(self, forward: Optional[Callable[[], Any]] = None, scaler: Any = None) -> Iterator[Pass]:
         """Iterate over the perturbed passes this step needs (0, 1 or K); run one forward and
         backward per iteration, then call ``step()``. Each item is the :class:`Pass`; its
-        ``batch = (m, M)`` says which of M batches to use for methods that take several."""
-        self._ensure_started(forward)
+        ``batch = (m, M)`` says which of M batches to use for methods that take several.
+
+        With an fp16 ``GradScaler`` pass it here and finish with ``scaler.step(opt);
+        scaler.update()``: every backward is ``scaler.scale(loss).backward()``, and each pass's
+        gradients (the clean one included) are unscaled right after it, so ε and the descent
+        gradient come from true gradients; an inf/NaN in any pass makes ``scaler.step`` skip the
+        step (weights, base and method state untouched; the next step starts afresh). Without
+        ``scaler=`` the gradients are taken as they are: scaled ones would give a wrong ε."""
+        self._ensure_started(forward, scaler)
         try:
             while self._next_backward_request(forward) is not None:
                 self._null_grads()
                 yield self._request
+                self._unscale_explicit()
                 self._advance(None)
         except BaseException:
             self.abort()
@@ -893,12 +973,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         """One optimizer step. With a closure (forward + backward, returns the loss) the method
         runs every pass itself and returns the loss of the step's first pass (the clean loss;
         for RWP, which has no clean pass, the loss at ``w + ε``); without one, the passes must
-        already have run (explicit form).
+        already have run (explicit form; under fp16 AMP, ``scaler.step(opt)`` after
+        ``perturbations(scaler=scaler)``).
+
+        The closure need not zero the gradients: every pass that needs them, the first included,
+        starts from ``.grad = None``, so gradients already in ``.grad`` never enter the step.
 
         ``batches``: for methods whose passes use different batches (LPF-SGD's M chunks, m-RWP
         with ``different_batches``), the closure takes a batch (``closure(batch)``) and each pass
         gets its own; without it every pass calls ``closure()`` on the step's one batch.
         """
+        refuse_framework_loop(self, closure)  # Accelerate/Lightning idioms that would step silently wrong
         loss = None
         if batches is not None:
             count = self.perturbation.batch_count
@@ -912,9 +997,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._ensure_started()
             if self._request is not None:
                 self.abort()
+                if all(not p.grad.any() for p in self.all_params_with_grad()):  # a host sync, off the hot path
+                    # ``torch.distributed.checkpoint`` creates the optimizer state by a step with zero
+                    # gradients (and lr = 0): it reaches the base optimizer and is no method step.
+                    self.base.step()
+                    return None
                 raise RuntimeError(
                     f"{type(self).__name__} needs forward/backward passes at perturbed weights before step(): "
                     "pass a closure to step(), or run them inside `with opt.perturbed():` / `for _ in opt.perturbations():`")
+        if (closure is None and self._explicit and self._explicit_amp is None
+                and not isinstance(self.perturbation, NoPerturbation) and _amp.called_by_grad_scaler()):
+            # scaler.step(opt) after passes that never saw the scaler: ε came from scaled gradients.
+            self.abort()
+            raise RuntimeError(
+                f"{type(self).__name__}'s passes ran on gradients scaled by a GradScaler that they were not given, "
+                "so the perturbation is wrong: pass it, `opt.perturbations(scaler=scaler)` / "
+                "`opt.perturbed(scaler=scaler)`, then call scaler.step(opt); scaler.update()")
         self.base.step()
         self.finish_step()
         return loss
@@ -933,24 +1031,39 @@ class FlatOptimizer(torch.optim.Optimizer):
         return {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def state_dict(self) -> dict:
+        """torch's layout: the base optimizer's ``state`` and ``param_groups`` (which hold the
+        strength), plus ``"flatminima"``: the method's name, step counter, per-parameter state (by
+        parameter index, like ``state``) and trigger state. Plain torch optimizers and
+        ``torch.distributed.checkpoint`` read it as the base optimizer's state dict."""
         index = {id(p): i for i, p in self._param_index().items()}
-        own = {index[id(p)]: dict(s) for p, s in self.state.items() if s and id(p) in index}
-        return {"base": self.base.state_dict(),
-                "flat": {"step": self._step, "state": own, "trigger": self.trigger.state_dict()}}
+        own = {index[id(p)]: dict(s) for p, s in self.method_state.items() if s and id(p) in index}
+        out = dict(self.base.state_dict())
+        out["flatminima"] = {"method": self.method_name, "step": self._step, "state": own,
+                             "trigger": self.trigger.state_dict()}
+        return out
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != {"base", "flat"}:
-            raise ValueError("not a flatminima optimizer state_dict (expected keys 'base' and 'flat')")
-        self.base.load_state_dict(state_dict["base"])
-        self.param_groups = self.base.param_groups
-        flat = state_dict["flat"]
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Load this method's ``state_dict()``, an old ``{'base', 'flat'}`` one, or a plain base
+        optimizer's (the method's step counter, trigger and per-parameter state start fresh; a group
+        without the strength keeps the current one). The whole state is validated first (method,
+        groups, strength and ``lr`` in range, method state); nothing changes when it is refused."""
+        base_sd, flat = checked_state_dict(self, state_dict)
+        kept = [{k: g[k] for k in (self.strength_key, "initial_lr") if k in g} for g in self.param_groups]
+        self.base.load_state_dict(base_sd)
+        self.param_groups, self.state = self.base.param_groups, self.base.state
+        for group, old in zip(self.param_groups, kept):
+            for key, value in old.items():
+                group.setdefault(key, value)
+        flat = flat or {"step": 0, "state": {}, "trigger": self._fresh_trigger}
         params = self._param_index()
-        self.state = defaultdict(dict)
+        self.method_state = defaultdict(dict)
         for i, s in flat["state"].items():
             p = params[int(i)]
-            self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
+            # Copies: the method updates its state in place (Fisher EMA); the caller's dict stays as loaded.
+            self.method_state[p] = {k: v.detach().to(p.device, copy=True) if torch.is_tensor(v) else v
+                                    for k, v in s.items()}
         self._step = int(flat["step"])
-        self.trigger.load_state_dict(flat["trigger"])
+        self.trigger.load_state_dict(copy.deepcopy(flat["trigger"]))
         self.abort()
 
 

@@ -1,5 +1,9 @@
 """Figures for experiment reports. matplotlib is imported lazily (Agg backend), so the core library
-does not depend on it."""
+does not depend on it.
+
+User text (experiment names, method labels, task names) is drawn as plain text: a ``$`` is escaped
+(:func:`plain`), so mathtext never parses it and a name such as ``cost $\\nosuchsymbol$ run`` cannot
+fail the figure. Figures are written atomically (:func:`flatminima._files.atomic_path`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,32 @@ import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from ._extras import require
+from ._files import atomic_path
+
+
+def plain(text: Any) -> str:
+    """``text`` as matplotlib shows it literally: every ``$`` escaped, so no mathtext is parsed."""
+    return str(text).replace("$", r"\$")
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "plots", "the experiment figures")
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return matplotlib, plt
+
+
+def _save(fig, path: os.PathLike | str) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, keep_suffix=True) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _band(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -31,10 +61,7 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
 
     ``records`` are :func:`flatminima.experiment.run_one` records.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    matplotlib, plt = _pyplot()
     import matplotlib.ticker
 
     by_method: dict[str, list[dict]] = {}
@@ -44,7 +71,7 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
     colours = plt.get_cmap("tab10")
     for i, (label, runs) in enumerate(by_method.items()):
         colour = colours(i % 10)
-        name = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        name = plain(f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         steps = len(runs[0]["curves"]["train_loss"])
         window = max(1, steps // points)
         x, _ = _window_means(runs[0]["curves"]["train_loss"], window)
@@ -70,9 +97,8 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        fig.suptitle(plain(title))
+    _save(fig, path)
 
 
 def _groups(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -92,11 +118,7 @@ SHARPNESS_PANELS = (("lambda_max", "top Hessian eigenvalue λ_max"), ("trace", "
 def plot_sharpness(records: Sequence[dict[str, Any]], path: os.PathLike | str) -> os.PathLike | str:
     """One bar panel per flatness measure in the runs' diagnostics (mean over seeds, ±1 std error
     bars, each seed as a dot), one bar per method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    _, plt = _pyplot()
     groups = {g: [r["diagnostics"]["summary"] for r in rs if "diagnostics" in r] for g, rs in _groups(records).items()}
     groups = {g: s for g, s in groups.items() if s}
     panels = [(k, t) for k, t in SHARPNESS_PANELS if any(k in s for runs in groups.values() for s in runs)]
@@ -111,10 +133,9 @@ def plot_sharpness(records: Sequence[dict[str, Any]], path: os.PathLike | str) -
             ax.bar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, color=colours(i % 10),
                    alpha=0.8, capsize=3)
             ax.plot(np.full(len(values), i), values, "k.", ms=4)
-        ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right")
+        ax.set_xticks(range(len(groups)), [plain(g) for g in groups], rotation=30, ha="right")
         ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -124,11 +145,7 @@ def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str) -
     first task after each task (forgetting made visible), and λ_max on the task just learned for
     each measured parameter space. Several task orders are averaged by position (the first task of
     each order). Colour: method; line style: strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    _, plt = _pyplot()
     groups = _groups(records)
     scenario = records[0]["scenario"]
     spaces = [s for s, v in records[0].get("lambda_max", {}).items() if v]
@@ -154,10 +171,10 @@ def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str) -
         colour = colours(methods.index(runs[0]["method"]) % 10)
         style = styles[strategies.index(runs[0].get("strategy")) % len(styles)]
         seen = [[100 * np.mean(r["accuracy"][scenario][j][:j + 1]) for j in range(T)] for r in runs]
-        band(axes[0], seen, colour, style, g)
-        band(axes[1], [[100 * r["accuracy"][scenario][j][0] for j in range(T)] for r in runs], colour, style, g)
+        band(axes[0], seen, colour, style, plain(g))
+        band(axes[1], [[100 * r["accuracy"][scenario][j][0] for j in range(T)] for r in runs], colour, style, plain(g))
         for ax, space in zip(axes[2:], spaces):
-            band(ax, [r["lambda_max"][space] for r in runs], colour, style, g, log=True)
+            band(ax, [r["lambda_max"][space] for r in runs], colour, style, plain(g), log=True)
     axes[0].set(title="average accuracy on the tasks seen", ylabel="accuracy (%)")
     axes[1].set(title="accuracy on the first task", ylabel="accuracy (%)")
     for ax, space in zip(axes[2:], spaces):
@@ -167,6 +184,5 @@ def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str) -
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path

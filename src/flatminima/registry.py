@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Generic, TypeVar
 
+from .validation import check
+
 T = TypeVar("T")
 
 
@@ -20,11 +22,18 @@ class Registry(Generic[T]):
         self._names: list[str] = []
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
-        """Decorator adding an object under ``name`` (listed) and ``aliases`` (accepted)."""
+        """Decorator adding an object under ``name`` (listed) and ``aliases`` (accepted).
+
+        A name or alias that is taken already (after normalization: ``GA-SAM`` == ``gasam``) is
+        refused before anything is added, rather than silently replacing the first registration;
+        aliases that normalize to the same key in one call (``layersam``, ``layer-sam``) are one."""
+        keys = list(dict.fromkeys(_key(n) for n in (name, *aliases)))
+        for n in (name, *aliases):
+            check(self.kind, _key(n) not in self._items, n, f"a {self.kind} not registered yet")
 
         def deco(obj: T) -> T:
-            for n in (name, *aliases):
-                self._items[_key(n)] = obj
+            for k in keys:
+                self._items[k] = obj
             self._names.append(name)
             return obj
 
@@ -37,6 +46,5 @@ class Registry(Generic[T]):
         return isinstance(name, str) and _key(name) in self._items
 
     def get(self, name: str) -> T:
-        if name not in self:
-            raise ValueError(f"Invalid {self.kind}: {name!r} (expected one of {', '.join(self.names())})")
+        check(self.kind, name in self, name, f"one of {', '.join(self.names())}")
         return self._items[_key(name)]

@@ -5,8 +5,10 @@ A *unit* is one training run: (method label, seed) or, for a continual experimen
 seed, strategy, task order). Each finished unit is written atomically to ``runs/<unit id>.json``
 with a *fingerprint*: a hash of every config value that shapes its result (not the output folder,
 the device spec, the lists of seeds/methods/strategies/orders, nor the reporting switches). A
-restarted run loads every unit whose file holds the same fingerprint and trains only the others,
-so a killed run continues from its last finished unit and ends with the same tables.
+restarted run loads every unit whose file holds the same fingerprint and passes the record checks
+(:mod:`flatminima._records`; its checkpoint too, where the run needs one) and trains the others,
+saying why for a file it does not trust, so a killed run continues from its last finished unit and
+ends with the same tables.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+from ._extras import install_hint
+from ._files import load_state_dict, write_json, write_text
+from ._records import record_problem
+from .validation import check
 
 #: Config fields that do not change a unit's result.
 _NOT_IN_FINGERPRINT = ("out_dir", "device", "seeds", "methods", "save_models", "tensorboard", "name")
@@ -74,23 +80,43 @@ def fingerprint(config, unit: Unit) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically: a killed run never leaves a truncated unit file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-
-def load_finished(path: Path, expected: str) -> Optional[dict[str, Any]]:
-    """The record in ``path`` when it exists, parses and carries the ``expected`` fingerprint."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("fingerprint") == expected else None
+def load_finished(config, units: Sequence[Unit], runs: Path, checkpoint: Callable[[Unit], Optional[Path]],
+                  model_shapes: Callable[[], dict[str, tuple]],
+                  log: Callable[[str], None]) -> dict[Unit, Optional[dict]]:
+    """The trusted record of every unit (None: to train). A file is trusted when it parses, holds
+    the unit's fingerprint and passes :func:`~flatminima._records.record_problem`, and the
+    unit's checkpoint (``checkpoint(unit)``, where one is needed) loads and fits the model
+    (``model_shapes()``, built once). A file with another fingerprint is another config's: it is
+    trained again silently; any other problem is logged, one line per unit, before retraining."""
+    finished: dict[Unit, Optional[dict]] = {}
+    shapes = None
+    for unit in units:
+        finished[unit] = None
+        path = runs / f"{unit.id}.json"
+        if not path.exists():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log(f"redoing {unit.id}: {path.name} does not read as JSON ({type(exc).__name__})")
+            continue
+        if not isinstance(record, dict) or record.get("fingerprint") != fingerprint(config, unit):
+            continue
+        problem = record_problem(record, unit)
+        pt = checkpoint(unit)
+        if problem is None and pt is not None:
+            try:
+                state = load_state_dict(pt)
+                shapes = model_shapes() if shapes is None else shapes
+                check("checkpoint", {k: tuple(v.shape) for k, v in state.items()} == shapes, str(pt),
+                      "the state dict of this config's model")
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            log(f"redoing {unit.id}: {problem}")
+            continue
+        finished[unit] = record
+    return finished
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,9 +136,8 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            if enabled:
-                raise ValueError("Invalid tensorboard: True (the tensorboard package is not installed: "
-                                 "pip install tensorboard, or set tensorboard to null)") from None
+            check("tensorboard", not enabled, enabled,
+                  f"null or false: the tensorboard package is not installed ({install_hint('tensorboard')})")
             return
         self.writer_class = SummaryWriter
 
@@ -209,6 +234,12 @@ def mean_matrices(records: Sequence[dict], scenario: str) -> dict[str, list[list
     return out
 
 
+def figures_skipped(exc: ImportError) -> str:
+    """The one line said when a figure library is missing, with the extra that brings it."""
+    hint = "" if "pip install" in str(exc) else f"; {install_hint('plots')}"
+    return f"figures not written ({exc}{hint})"
+
+
 def write_continual_figures(out: Path, records: Sequence[dict], log: Callable[[str], None]) -> list[Path]:
     """Accuracy matrices (CSV/JSON/PNG per method × strategy, mean over seeds), and the curves of
     average accuracy on the tasks seen so far and of λ_max after each task."""
@@ -228,7 +259,7 @@ def write_continual_figures(out: Path, records: Sequence[dict], log: Callable[[s
     try:
         figures.insert(0, plot_continual(records, out / "continual.png"))
     except ImportError as exc:
-        log(f"figures not written ({exc}; pip install matplotlib)")
+        log(figures_skipped(exc))
     return figures
 
 
@@ -241,12 +272,8 @@ def write_config(out: Path, config) -> Path:
     try:
         import yaml
     except ImportError:
-        path = out / "config.json"
-        path.write_text(json.dumps(config.to_dict(), indent=1))
-        return path
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
-    return path
+        return write_json(out / "config.json", config.to_dict(), indent=1)
+    return write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 def write_report(out: Path, config, table: str, extra_tables: Sequence[tuple[str, str]],

@@ -21,13 +21,13 @@ Groups ``i`` (``granularity``): ``"model"`` (one group), ``"layer"`` (a tensor),
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._functional import TINY, ScaleList, combine_norms, is_sharded, reduction_dtype, tensor_norms
+from .validation import check, check_choice, check_nonnegative
 
 KINDS = ("one", "w", "w_over_g", "gradient_strength", "inv_g", "w_over_sqrt_n")
 GRANULARITIES = ("model", "layer", "filter", "element")
@@ -71,25 +71,33 @@ class Scale:
 
     Calling it with the scoped parameters and their gradients returns one entry per tensor:
     ``None`` for ``T = 1`` (so SAM pays nothing for it) or a tensor broadcastable to the parameter.
+    ``unit`` (a predicate of a tensor) picks tensors whose ``T`` is 1 whatever the kind (the
+    official ASAM code's biases); the group statistics (``n``, a model-wide norm) still count them.
     """
 
-    def __init__(self, kind: str = "one", granularity: str = "layer", eta: float = 0.0):
-        if kind not in KINDS:
-            raise ValueError(f"Invalid scale {kind!r}: expected one of {', '.join(KINDS)}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"Invalid granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"Invalid eta: {eta!r} (expected a finite float >= 0)")
-        self.kind, self.granularity, self.eta = kind, granularity, float(eta)
+    def __init__(self, kind: str = "one", granularity: str = "layer", eta: float = 0.0,
+                 unit: Optional[Callable[[Tensor], bool]] = None):
+        check_choice("scale", kind, KINDS)
+        check_choice("granularity", granularity, GRANULARITIES)
+        check("unit", unit is None or callable(unit), type(unit).__name__, "None or a predicate of a tensor")
+        self.kind, self.granularity, self.eta = kind, granularity, check_nonnegative("eta", eta)
+        self.unit = unit
 
     @property
     def is_identity(self) -> bool:
         return self.kind == "one" and self.eta == 0.0
 
     def __repr__(self) -> str:
-        return f"Scale({self.kind!r}, {self.granularity!r}, eta={self.eta})"
+        unit = "" if self.unit is None else ", unit=<predicate>"
+        return f"Scale({self.kind!r}, {self.granularity!r}, eta={self.eta}{unit})"
 
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ScaleList:
+        out = self._scales(params, grads)
+        if self.unit is not None:
+            out = [None if self.unit(p) else t for p, t in zip(params, out)]
+        return out
+
+    def _scales(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ScaleList:
         if self.is_identity:
             return [None] * len(params)
         with torch.no_grad():

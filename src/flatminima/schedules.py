@@ -12,21 +12,54 @@ when the optimizer really steps (an AMP-skipped step leaves it alone) is returne
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from .validation import check, check_int, check_nonnegative, check_range, check_real, is_real
+
 
 def _check_total(total_steps: Any) -> int:
-    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-        raise ValueError(f"Invalid total_steps: {total_steps!r} (expected an int >= 1)")
-    return total_steps
+    return check_int("total_steps", total_steps, 1)
+
+
+def check_total_steps(total_steps: Any) -> Optional[int]:
+    """``None`` or an int ``>= 1`` (checked whether or not the schedule uses it)."""
+    return None if total_steps is None else _check_total(total_steps)
+
+
+def _checked_multiplier(value: Any, step: int) -> float:
+    """A schedule's output as a float, refused unless finite and ``>= 0``: a negative multiplier
+    would turn the ascent into a descent and NaN would reach the weights. It is read before ε is
+    made, so a refused value leaves the weights untouched."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    check(f"schedule output at step {step}", math.isfinite(out) and out >= 0, value, "a finite number >= 0")
+    return out
 
 
 class StrengthSchedule:
-    """Multiplier of the group strength at optimizer step ``step`` (0-based)."""
+    """Multiplier of the group strength at optimizer step ``step`` (0-based).
+
+    Every subclass's ``__call__`` (a user's too) is wrapped so that its output is checked
+    (:func:`_checked_multiplier`) where it is produced: the optimizer needs no check of its own.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "_checked", False):
+            @functools.wraps(call)
+            def checked(self, step: int, group: dict) -> float:
+                return _checked_multiplier(call(self, step, group), step)
+
+            checked._checked = True
+            cls.__call__ = checked
 
     def __call__(self, step: int, group: dict) -> float:
         raise NotImplementedError
@@ -45,7 +78,8 @@ class Linear(StrengthSchedule):
     """``start + (end − start)·min(t/T, 1)``."""
 
     def __init__(self, total_steps: int, start: float = 0.0, end: float = 1.0):
-        self.total_steps, self.start, self.end = _check_total(total_steps), float(start), float(end)
+        self.total_steps = _check_total(total_steps)
+        self.start, self.end = check_nonnegative("start", start), check_nonnegative("end", end)
 
     def __call__(self, step: int, group: dict) -> float:
         frac = min(step / self.total_steps, 1.0)
@@ -56,7 +90,8 @@ class Cosine(StrengthSchedule):
     """``start + (end − start)·½(1 − cos(π·min(t/T, 1)))``: cosine from ``start`` to ``end``."""
 
     def __init__(self, total_steps: int, start: float = 0.0, end: float = 1.0):
-        self.total_steps, self.start, self.end = _check_total(total_steps), float(start), float(end)
+        self.total_steps = _check_total(total_steps)
+        self.start, self.end = check_nonnegative("start", start), check_nonnegative("end", end)
 
     def __call__(self, step: int, group: dict) -> float:
         frac = min(step / self.total_steps, 1.0)
@@ -64,18 +99,29 @@ class Cosine(StrengthSchedule):
 
 
 class ProportionalToLR(StrengthSchedule):
-    """``lr_t / lr_0`` of the group (``lr_0`` = the group's ``initial_lr``, as LR schedulers keep it)."""
+    """``lr_t / lr_0`` of the group (``lr_0`` = the group's ``initial_lr``, as LR schedulers keep it).
+
+    ``lr_0 = 0`` leaves the ratio undefined and is refused at the first step that reads it (not at
+    construction: ``OneCycleLR`` and ``CyclicLR`` set ``initial_lr`` when they are created, which
+    may be after the method). A warm-up from 0 through a scheduler keeps ``initial_lr`` at the base
+    lr, so it runs (ρ_t = 0 at lr_t = 0).
+    """
 
     def __call__(self, step: int, group: dict) -> float:
-        return float(group["lr"]) / float(group["initial_lr"])
+        lr0 = float(group["initial_lr"])
+        check("schedule 'lr'", lr0 > 0, f"initial_lr = {lr0} at step {step}",
+              "a param group initial_lr > 0 (ρ·lr_t/lr_0 is undefined for lr_0 = 0: give the optimizer its base lr)")
+        return float(group["lr"]) / lr0
 
 
 class FromCallable(StrengthSchedule):
+    """``fn(step)``; its output is checked like every schedule's (finite, ``>= 0``)."""
+
     def __init__(self, fn: Callable[[int], float]):
         self.fn = fn
 
     def __call__(self, step: int, group: dict) -> float:
-        return float(self.fn(step))
+        return self.fn(step)
 
 
 SCHEDULE_NAMES = ("constant", "linear", "cosine", "lr")
@@ -86,6 +132,7 @@ def strength_schedule(spec: Union[None, str, StrengthSchedule, Callable[[int], f
 
     ``linear`` and ``cosine`` ramp 0 → 1 over ``total_steps``.
     """
+    check_total_steps(total_steps)
     if spec is None or spec == "constant":
         return Constant()
     if isinstance(spec, StrengthSchedule):
@@ -94,13 +141,10 @@ def strength_schedule(spec: Union[None, str, StrengthSchedule, Callable[[int], f
         if spec == "lr":
             return ProportionalToLR()
         if spec in ("linear", "cosine"):
-            if total_steps is None:
-                raise ValueError(f"schedule {spec!r} needs total_steps (an int >= 1)")
+            check("total_steps", total_steps is not None, total_steps, f"an int >= 1 for schedule {spec!r}")
             return (Linear if spec == "linear" else Cosine)(total_steps)
-        raise ValueError(f"Invalid schedule {spec!r}: expected one of {', '.join(SCHEDULE_NAMES)} or a callable of the step")
-    if callable(spec):
-        return FromCallable(spec)
-    raise ValueError(f"Invalid schedule {spec!r}: expected one of {', '.join(SCHEDULE_NAMES)} or a callable of the step")
+    check("schedule", callable(spec), spec, f"one of {', '.join(SCHEDULE_NAMES)}, a StrengthSchedule or a callable of the step")
+    return FromCallable(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +232,17 @@ class Probability(Trigger):
     """
 
     def __init__(self, p: Union[float, Callable[[int], float]], seed: int = 0):
-        self.p, self.seed = p, seed
+        if not callable(p):
+            check("p", is_real(p) and 0 <= p <= 1, p, "a number in [0, 1] or a callable of the step")
+        self.p, self.seed = p, check_int("seed", seed, 0)
 
     def probability(self, step: int) -> float:
-        p = float(self.p(step)) if callable(self.p) else float(self.p)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"Invalid p: {p!r} at step {step} (expected 0 <= p <= 1)")
+        p = self.p(step) if callable(self.p) else self.p
+        try:
+            p = float(p)
+        except (TypeError, ValueError):
+            p = math.nan
+        check(f"p at step {step}", 0.0 <= p <= 1.0, p, "a probability in [0, 1]")
         return p
 
     def before(self, step: int) -> Optional[bool]:
@@ -211,7 +260,9 @@ class AdaptiveThreshold(Trigger):
     """
 
     def __init__(self, decay: float = 0.9, c_start: float = -1.0, c_end: float = 1.0, total_steps: Optional[int] = None):
-        self.decay, self.c_start, self.c_end, self.total_steps = decay, c_start, c_end, total_steps
+        self.decay = check_range("decay", decay, 0.0, 1.0, high_open=True)
+        self.c_start, self.c_end = check_real("c_start", c_start), check_real("c_end", c_end)
+        self.total_steps = check_total_steps(total_steps)
         self.mean: Optional[float] = None
         self.var = 0.0
 

@@ -17,6 +17,13 @@ def check(name: str, ok: bool, value: Any, expected: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
 
 
+def check_described(name: str, ok: bool, described: str, expected: str) -> None:
+    """:func:`check` for values too large to print whole: ``described`` stands for the value (a
+    shortened repr, a shape, a range of values)."""
+    if not ok:
+        raise ValueError(f"Invalid {name}: {described} (expected {expected})")
+
+
 def is_real(x: Any) -> bool:
     """A finite int or float that is not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -58,6 +65,12 @@ def check_fraction(name: str, value: Any) -> float:
 def check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
     ok = is_int(value) and value >= low and (high is None or value <= high)
     check(name, ok, value, f"an int >= {low}" if high is None else f"an int in [{low}, {high}]")
+    return value
+
+
+def check_optional_int(name: str, value: Any, low: int) -> Optional[int]:
+    """``None`` (no limit: keep everything, no seed) or an int >= ``low``."""
+    check(name, value is None or (is_int(value) and value >= low), value, f"None or an int >= {low}")
     return value
 
 

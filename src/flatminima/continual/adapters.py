@@ -13,7 +13,10 @@ Strategies (:data:`STRATEGIES`), for tasks ``t = 0, 1, …``:
   ``λ₁·Σ_layers Σ_ij |(A_past A_newᵀ)_ij| + λ₂·Σ_{P ∈ new} ‖P‖_F``; the B side compares
   ``B_pastᵀ B_new``; ``squared`` uses ``(·)²`` instead of ``|·|``.
 * ``n-lora`` (N-LoRA, Yang et al., COLING 2025, *Is Parameter Collision Hindering Continual Learning
-  in LLMs?*): the same adapters, trained with ``λ·Σ_{P ∈ new} ‖P‖₁`` (sparse updates collide less).
+  in LLMs?*): the same adapters, trained with the paper's ``λ·Σ_layers ‖ΔW_new‖₁``, the ℓ1 norm of
+  the task's update ``ΔW = s·B A`` (``s`` PEFT's scaling, ``B A`` in PyTorch's ``out × in`` layout):
+  sparse updates collide less. Not the official code's ``‖A B‖₁`` (an ``r × r`` product that only
+  runs when ``in == out``), nor an ℓ1 on the factors, which is not invariant to ``(A, B) → (cA, B/c)``.
 
 O-LoRA and N-LoRA fold each finished task into one frozen adapter ``past`` by concatenation along
 the rank::
@@ -74,6 +77,41 @@ def _matrices(layer: nn.Module, name: str, dtype: torch.dtype) -> tuple[Tensor, 
     return a.to(dtype).flatten(1), b.to(dtype).flatten(1)
 
 
+#: Elements of ``B A`` formed at once by :func:`update_l1` (rows of ``B`` are taken in chunks).
+_CHUNK = 1 << 22
+
+
+class _UpdateL1(torch.autograd.Function):
+    """``Σ_ij |(B A)_ij|`` with ``∂/∂A = Bᵀ sign(BA)`` and ``∂/∂B = sign(BA) Aᵀ``: the product is
+    formed in row chunks of ``B`` in the forward and again in the backward, so only ``A`` and ``B``
+    are kept between them (autograd of ``(B @ A).abs().sum()`` would keep the whole ``out × in``
+    product and its sign per layer until the backward)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        rows = max(1, _CHUNK // max(a.shape[1], 1))
+        return sum(((bc @ a).abs().sum() for bc in b.split(rows)), torch.zeros((), dtype=a.dtype, device=a.device))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = ctx.saved_tensors
+        rows = max(1, _CHUNK // max(a.shape[1], 1))
+        grad_a, grad_b = torch.zeros_like(a), []
+        for bc in b.split(rows):
+            sign = (bc @ a).sign_()  # sign(0) = 0: the subgradient autograd's abs() uses
+            grad_a.addmm_(bc.T, sign)
+            grad_b.append(sign @ a.T)
+        return grad_a * grad, torch.cat(grad_b) * grad
+
+
+def update_l1(a: Tensor, b: Tensor, scaling: float = 1.0) -> Tensor:
+    """N-LoRA's penalty on one layer: ``‖s·B A‖₁ = |s|·Σ_ij |(B A)_ij|`` for ``A`` (``r × n_in``)
+    and ``B`` (``n_out × r``), differentiable w.r.t. both, without keeping ``B A`` for the backward."""
+    return abs(scaling) * _UpdateL1.apply(a, b)
+
+
 @contextlib.contextmanager
 def _seeded(*keys: int) -> Iterator[None]:
     """A forked CPU RNG seeded from ``keys``: PEFT draws new adapters' init (on CPU, before moving
@@ -106,7 +144,7 @@ class ContinualLoRA:
     ``model``: a ``peft.PeftModel`` with one LoRA adapter (any ``nn.Module`` for ``finetune``).
     ``trainable``: names (exact, or a dotted suffix) of non-LoRA modules trained in every task.
     ``orth_weight`` (λ₁, O-LoRA only), ``l2_weight`` (λ₂, ``Σ‖P‖_F``) and ``l1_weight`` (λ,
-    ``Σ‖P‖₁``) weigh the penalty terms on the current adapter (O-LoRA: λ₁, λ₂; N-LoRA: λ).
+    ``Σ_layers ‖s·B A‖₁``) weigh the penalty terms on the current adapter (O-LoRA: λ₁, λ₂; N-LoRA: λ).
     ``orth_side``: the factors O-LoRA compares (``"A"``, ``"B"`` or ``"AB"``, both summed);
     ``squared``: ``(·)²`` instead of ``|·|``. ``config``: the ``LoraConfig`` of new adapters
     (default: a copy of the model's adapter's). ``seed``: new adapters' init, with the task index.
@@ -246,10 +284,11 @@ class ContinualLoRA:
         float64 adapter) differentiable w.r.t. the current adapter only::
 
             λ₁·Σ_layers Σ_ij φ((A_past A_newᵀ)_ij) [+ φ((B_pastᵀ B_new)_ij)]    (O-LoRA, φ = |·| or (·)²)
-            + λ₂·Σ_{P ∈ {A_new, B_new}} ‖P‖_F + λ·Σ_P Σ_ij |P_ij|   (O-LoRA: λ₂; N-LoRA: λ)
+            + λ₂·Σ_{P ∈ {A_new, B_new}} ‖P‖_F + λ·Σ_layers Σ_ij |(s·B_new A_new)_ij|   (O-LoRA: λ₂; N-LoRA: λ)
 
         Terms with a zero weight are not computed: with every weight 0 it is a constant 0, and
-        ``loss + penalty()`` trains exactly as ``loss``."""
+        ``loss + penalty()`` trains exactly as ``loss``. The ℓ1 term never keeps a layer's
+        ``out × in`` update for the backward (:func:`update_l1`)."""
         terms: list[Tensor] = []
         if self.current is not None and self.strategy != "finetune":
             orth = self.orth_weight if self.strategy == "o-lora" and PAST in self.past else 0.0
@@ -273,8 +312,8 @@ class ContinualLoRA:
             terms += [orth * (p.square() if self.squared else p.abs()).sum() for p in products]
         if self.l2_weight > 0:  # ‖·‖ of each tensor, as O-LoRA's torch.norm(param, p=2)
             terms.append(self.l2_weight * (torch.linalg.vector_norm(a) + torch.linalg.vector_norm(b)))
-        if self.l1_weight > 0:
-            terms.append(self.l1_weight * (a.abs().sum() + b.abs().sum()))
+        if self.l1_weight > 0:  # N-LoRA: ℓ1 of the task's update ΔW = s·BA, not of the factors
+            terms.append(self.l1_weight * update_l1(a, b, float(layer.scaling[self.current])))
         return terms
 
     # ------------------------------------------------------------------ merge

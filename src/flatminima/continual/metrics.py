@@ -50,6 +50,7 @@ Markdown table of mean ± std over seeds. matplotlib is imported lazily (Agg bac
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -57,6 +58,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from .._files import write_text
+from ..validation import check, check_described
 
 __all__ = [
     "average_accuracy",
@@ -88,30 +92,30 @@ def _to_numpy(value: Any) -> Any:
 def _as_accuracy_matrix(a: Any) -> np.ndarray:
     """``a`` (nested lists / numpy / torch) as a float64 ``T x T`` array, validated."""
     expected = "a square T x T matrix (T >= 1) of finite accuracies in [0, 1]"
-    try:
-        m = np.array(_to_numpy(a), dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"Invalid a: {_short(a)} (expected {expected}; {e})") from None
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
-        raise ValueError(f"Invalid a: array of shape {m.shape} (expected {expected})")
-    if not np.all(np.isfinite(m)):
-        raise ValueError(f"Invalid a: {_short(m.tolist())} contains NaN or inf (expected {expected})")
-    if m.min() < 0.0 or m.max() > 1.0:
-        raise ValueError(f"Invalid a: values range over [{m.min():g}, {m.max():g}] (expected {expected}; "
-                         "accuracies as fractions, not percent)")
+    m = _as_array("a", a, expected)
+    check_described("a", m.ndim == 2 and m.shape[0] == m.shape[1] and m.shape[0] >= 1, f"array of shape {m.shape}",
+                    expected)
+    check_described("a", bool(np.all(np.isfinite(m))), f"{_short(m.tolist())} contains NaN or inf", expected)
+    check_described("a", m.min() >= 0.0 and m.max() <= 1.0, f"values range over [{m.min():g}, {m.max():g}]",
+                    f"{expected}; accuracies as fractions, not percent")
     return m
+
+
+def _as_array(name: str, value: Any, expected: str) -> np.ndarray:
+    """``value`` (nested lists / numpy / torch) as a float64 array, or ``ValueError`` naming ``name``."""
+    try:
+        return np.array(_to_numpy(value), dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        check_described(name, False, _short(value), f"{expected}; {e}")
+        raise
 
 
 def _as_baseline(baseline: Any, T: int) -> np.ndarray:
     expected = f"a vector of {T} finite accuracies in [0, 1], one per task"
-    try:
-        b = np.array(_to_numpy(baseline), dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"Invalid baseline: {_short(baseline)} (expected {expected}; {e})") from None
-    if b.ndim != 1 or b.shape[0] != T:
-        raise ValueError(f"Invalid baseline: array of shape {b.shape} (expected {expected})")
-    if not np.all(np.isfinite(b)) or b.min() < 0.0 or b.max() > 1.0:
-        raise ValueError(f"Invalid baseline: {_short(b.tolist())} (expected {expected})")
+    b = _as_array("baseline", baseline, expected)
+    check_described("baseline", b.ndim == 1 and b.shape[0] == T, f"array of shape {b.shape}", expected)
+    check_described("baseline", bool(np.all(np.isfinite(b))) and b.min() >= 0.0 and b.max() <= 1.0,
+                    _short(b.tolist()), expected)
     return b
 
 
@@ -210,8 +214,9 @@ def continual_metrics(a: Any, baseline: Any = None) -> dict[str, Any]:
 def _task_names(task_names: Optional[Sequence[str]], T: int) -> list[str]:
     if task_names is None:
         return [f"task {i}" for i in range(T)]
-    if isinstance(task_names, str) or len(task_names) != T or not all(isinstance(n, str) for n in task_names):
-        raise ValueError(f"Invalid task_names: {_short(task_names)} (expected None or {T} strings, one per task)")
+    ok = not isinstance(task_names, str) and hasattr(task_names, "__len__") and len(task_names) == T \
+        and all(isinstance(n, str) for n in task_names)
+    check_described("task_names", ok, _short(task_names), f"None or {T} strings, one per task")
     return list(task_names)
 
 
@@ -249,30 +254,27 @@ def save_accuracy_matrix(a: Any, folder: os.PathLike | str, name: str = "accurac
     m = _as_accuracy_matrix(a)
     T = m.shape[0]
     tasks = _task_names(task_names, T)
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name:
-        raise ValueError(f"Invalid name: {name!r} (expected a non-empty file name without a path separator)")
+    check("name", isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
+          and os.sep not in name, name, "a non-empty file name without a path separator")
     if extra is not None:
-        if not isinstance(extra, Mapping):
-            raise ValueError(f"Invalid extra: {_short(extra)} (expected None or a dict)")
+        check_described("extra", isinstance(extra, Mapping), _short(extra), "None or a dict")
         clash = sorted({"tasks", "matrix", "metrics"} & set(extra))
-        if clash:
-            raise ValueError(f"Invalid extra: keys {clash} (expected keys other than tasks, matrix, metrics)")
+        check_described("extra", not clash, f"keys {clash}", "keys other than tasks, matrix, metrics")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
     paths["csv"] = folder / f"{name}.csv"
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["after \\ on", *tasks])
-        for j in range(T):
-            writer.writerow([tasks[j], *(repr(float(v)) for v in m[j])])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["after \\ on", *tasks])
+    for j in range(T):
+        writer.writerow([tasks[j], *(repr(float(v)) for v in m[j])])
+    write_text(paths["csv"], table.getvalue())
 
     doc = {"tasks": tasks, "matrix": m.tolist(), "metrics": continual_metrics(m), **(extra or {})}
     paths["json"] = folder / f"{name}.json"
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(_jsonable(doc), f, indent=2, allow_nan=False)
-        f.write("\n")
+    write_text(paths["json"], json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
 
     try:
         import matplotlib  # noqa: F401
@@ -379,15 +381,14 @@ def format_metrics_table(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
     out of the mean; a cell with no defined value reads ``–``, and one with fewer defined values
     than seeds says ``(n=k)``.
     """
-    if not isinstance(results, Mapping):
-        raise ValueError(f"Invalid results: {_short(results)} (expected a dict label -> list of metric dicts)")
+    check_described("results", isinstance(results, Mapping), _short(results), "a dict label -> list of metric dicts")
     lines = ["| label | " + " | ".join(c for c, _ in _TABLE_COLUMNS) + " | seeds |",
              "|---|" + "---:|" * (len(_TABLE_COLUMNS) + 1)]
     for label, runs in results.items():
-        if isinstance(runs, Mapping) or not isinstance(runs, Sequence) or not runs \
-                or not all(isinstance(r, Mapping) for r in runs):
-            raise ValueError(f"Invalid results[{label!r}]: {_short(runs)} (expected a non-empty list of "
-                             "continual_metrics dicts, one per seed)")
+        ok = not isinstance(runs, Mapping) and isinstance(runs, Sequence) and bool(runs) \
+            and all(isinstance(r, Mapping) for r in runs)
+        check_described(f"results[{label!r}]", ok, _short(runs),
+                        "a non-empty list of continual_metrics dicts, one per seed")
         cells = []
         for _, key in _TABLE_COLUMNS:
             values = [r.get(key) for r in runs]

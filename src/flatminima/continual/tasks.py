@@ -35,9 +35,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..data import (VADER_DOMAINS, Dataset, PathLike, cache_dir, load_digits, load_fashion_mnist, load_vader,
-                    take)
+from ..data import (VADER_DOMAINS, Dataset, PathLike, cache_dir, check_vader_options, load_digits,
+                    load_fashion_mnist, load_vader, take)
 from ..registry import Registry
+from ..validation import check, check_bool, check_choice, check_int, check_optional_int, is_int
 
 SCENARIOS = ("domain", "task", "class")
 
@@ -66,8 +67,7 @@ class TaskSequence:
     scenario: str
 
     def __post_init__(self):
-        if self.scenario not in SCENARIOS:
-            raise ValueError(f"Invalid scenario: {self.scenario!r} (expected one of {', '.join(SCENARIOS)})")
+        check_choice("scenario", self.scenario, SCENARIOS)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -86,8 +86,7 @@ class TaskSequence:
         name, an index out of range, a repeated task or an empty order."""
         expected = (f"a non-empty sequence of distinct task indices in 0..{len(self.tasks) - 1} or task names "
                     f"from {self.names}")
-        if isinstance(order, (str, bytes)) or not hasattr(order, "__iter__"):
-            raise ValueError(f"Invalid order: {order!r} (expected {expected})")
+        check("order", not isinstance(order, (str, bytes)) and hasattr(order, "__iter__"), order, expected)
         items = list(order)
         picked: list[int] = []
         for item in items:
@@ -98,11 +97,10 @@ class TaskSequence:
                 index = None if isinstance(item, (bool, str)) else operator.index(item)
             except TypeError:
                 index = None
-            if index is None or not 0 <= index < len(self.tasks):
-                raise ValueError(f"Invalid order: {items!r} (expected {expected}; {item!r} is not one)")
+            check("order", index is not None and 0 <= index < len(self.tasks), items,
+                  f"{expected}; {item!r} is not one")
             picked.append(index)
-        if not picked or len(set(picked)) != len(picked):
-            raise ValueError(f"Invalid order: {items!r} (expected {expected})")
+        check("order", bool(picked) and len(set(picked)) == len(picked), items, expected)
         return replace(self, tasks=[self.tasks[i] for i in picked])
 
     def to(self, device: Union[str, torch.device]) -> "TaskSequence":
@@ -113,20 +111,17 @@ class TaskSequence:
 # helpers
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check_subsets(train_subset: Any, test_subset: Any, **seeds: Any) -> None:
+    """The options every sequence shares: subset sizes (``None`` keeps everything) and seeds (ints >= 0)."""
+    check_optional_int("train_subset", train_subset, 1)
+    check_optional_int("test_subset", test_subset, 1)
+    for name, value in seeds.items():
+        check_int(name, value, 0)
 
 
-def _check_subset(arg: str, value: Any) -> None:
-    if value is not None and not (_is_int(value) and value >= 1):
-        raise ValueError(f"Invalid {arg}: {value!r} (expected None or an int >= 1)")
-
-
-def _check_seed(arg: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not (_is_int(value) and value >= 0):
-        raise ValueError(f"Invalid {arg}: {value!r} (expected {'None or ' if optional else ''}an int >= 0)")
+def _check_source(root: Any, fetch: Any) -> None:
+    check("root", root is None or isinstance(root, (str, os.PathLike)), root, "None or a path")
+    check_bool("fetch", fetch)
 
 
 def stratified_subset(labels: Tensor, n: Optional[int], seed: int = 0) -> Tensor:
@@ -136,9 +131,9 @@ def stratified_subset(labels: Tensor, n: Optional[int], seed: int = 0) -> Tensor
     not used). ``None`` or ``n >= len(labels)`` keeps every index."""
     labels = labels.cpu()
     total = len(labels)
+    check_optional_int("subset", n, 1)
     if n is None or n >= total:
         return torch.arange(total)
-    _check_subset("subset", n)
     classes, counts = torch.unique(labels, return_counts=True)
     exact = [n * int(c) / total for c in counts]
     quota = [math.floor(q) for q in exact]
@@ -184,8 +179,7 @@ def load_sequence(name: str, **options) -> TaskSequence:
     loader = sequence_loader(name)
     accepted = list(inspect.signature(loader).parameters)
     for key in options:
-        if key not in accepted:
-            raise ValueError(f"Invalid option for sequence {name!r}: {key!r} (expected one of {', '.join(accepted)})")
+        check(f"option for sequence {name!r}", key in accepted, key, f"one of {', '.join(accepted)}")
     return loader(**options)
 
 
@@ -206,16 +200,13 @@ def load_vader_sequence(domains: Sequence[str] = tuple(VADER_DOMAINS), max_lengt
     split); ``train_subset`` keeps a stratified part of each domain's training split, fixed by
     ``subset_seed``. ``root``/``tokenizer``/``fetch`` are passed to ``load_vader``.
     """
-    if isinstance(domains, str) or not hasattr(domains, "__iter__") or not list(domains) or \
-            any(d not in VADER_DOMAINS for d in domains) or len(set(domains)) != len(list(domains)):
-        raise ValueError(f"Invalid domains: {domains!r} (expected a non-empty list of distinct names from "
-                         f"{', '.join(VADER_DOMAINS)})")
-    if not (_is_int(max_length) and max_length >= 2):
-        raise ValueError(f"Invalid max_length: {max_length!r} (expected an int >= 2)")
-    _check_subset("train_subset", train_subset)
-    _check_subset("test_subset", test_subset)
-    _check_seed("split_seed", split_seed)
-    _check_seed("subset_seed", subset_seed)
+    ok = not isinstance(domains, str) and hasattr(domains, "__iter__")
+    names = list(domains) if ok else []
+    ok = ok and bool(names) and all(d in VADER_DOMAINS for d in names) and len(set(names)) == len(names)
+    check("domains", ok, domains, f"a non-empty list of distinct names from {', '.join(VADER_DOMAINS)}")
+    check_vader_options(max_length, test_fraction, split_seed, test_subset, tokenizer)
+    _check_subsets(train_subset, test_subset, subset_seed=subset_seed)
+    _check_source(root, fetch)
     tasks = []
     for domain in domains:
         ds = load_vader(domain, root=root, max_length=max_length, test_fraction=test_fraction, split_seed=split_seed,
@@ -237,13 +228,16 @@ def _classes_name(classes: list[int]) -> str:
     return "classes " + ",".join(map(str, classes))
 
 
+def _check_class_split(num_classes: int, tasks: Any, class_order_seed: Any) -> None:
+    divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+    check("tasks", is_int(tasks) and tasks in divisors, tasks, f"an int dividing {num_classes}: one of {divisors}")
+    check_optional_int("class_order_seed", class_order_seed, 0)
+
+
 def class_split(num_classes: int, tasks: int, class_order_seed: Optional[int] = None) -> list[list[int]]:
     """``tasks`` disjoint groups of ``num_classes // tasks`` labels (each sorted): consecutive labels,
     or consecutive entries of a seeded permutation of the labels when ``class_order_seed`` is an int."""
-    if not (_is_int(tasks) and tasks >= 1 and num_classes % tasks == 0):
-        divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
-        raise ValueError(f"Invalid tasks: {tasks!r} (expected an int dividing {num_classes}: one of {divisors})")
-    _check_seed("class_order_seed", class_order_seed, optional=True)
+    _check_class_split(num_classes, tasks, class_order_seed)
     if class_order_seed is None:
         order = list(range(num_classes))
     else:
@@ -259,7 +253,11 @@ def load_split_fashion_mnist(tasks: int = 5, train_subset: Optional[int] = None,
     """Fashion-MNIST split into ``tasks`` tasks of ``10 // tasks`` classes (:func:`class_split`),
     labels kept global (0..9), one 10-way head, scenario ``"task"``. ``train_subset``/``test_subset``
     keep per task a stratified part of its examples (fixed by ``subset_seed``). The per-task index
-    lists are derived on the fly (cheap); the parsed images come from the data module's cache."""
+    lists are derived on the fly (cheap); the parsed images come from the data module's cache.
+    Every option is checked before any file is looked for."""
+    _check_class_split(10, tasks, class_order_seed)
+    _check_subsets(train_subset, test_subset, subset_seed=subset_seed)
+    _check_source(root, fetch)
     return split_by_classes(load_fashion_mnist(root=root, fetch=fetch), "split_fashion_mnist", tasks, train_subset,
                             test_subset, class_order_seed, subset_seed)
 
@@ -269,6 +267,8 @@ def load_split_digits(tasks: int = 5, train_subset: Optional[int] = None, test_s
                       class_order_seed: Optional[int] = None, subset_seed: int = 0) -> TaskSequence:
     """scikit-learn's 8×8 digits (bundled: instant, for quick runs and tests) split like
     :func:`load_split_fashion_mnist`: ``tasks`` tasks of ``10 // tasks`` digits, scenario ``"task"``."""
+    _check_class_split(10, tasks, class_order_seed)
+    _check_subsets(train_subset, test_subset, subset_seed=subset_seed)
     return split_by_classes(load_digits(), "split_digits", tasks, train_subset, test_subset, class_order_seed,
                             subset_seed)
 
@@ -278,10 +278,8 @@ def split_by_classes(base: Dataset, name: str, tasks: int, train_subset: Optiona
     """``base`` (10 classes) as ``tasks`` tasks of disjoint label sets (:func:`class_split`), labels
     kept global, one shared head; per task a stratified ``train_subset``/``test_subset`` (fixed by
     ``subset_seed``). Index lists are derived on the fly (cheap)."""
+    _check_subsets(train_subset, test_subset, subset_seed=subset_seed)
     groups = class_split(base.num_classes, tasks, class_order_seed)
-    _check_subset("train_subset", train_subset)
-    _check_subset("test_subset", test_subset)
-    _check_seed("subset_seed", subset_seed)
     out = []
     for classes in groups:
         wanted = torch.tensor(classes)
@@ -308,6 +306,9 @@ def pixel_permutations(tasks: int, seed: int = 0, pixels: int = 784, dataset: st
 
     Saved as ``cache_dir()/permutations-<dataset>-seed<seed>-tasks<tasks>.pt`` and read back from
     there when that file holds valid permutations of this shape (reused as saved)."""
+    check_int("tasks", tasks, 1)
+    check_int("seed", seed, 0)
+    check_int("pixels", pixels, 1)
     path = cache_dir() / f"permutations-{dataset}-seed{seed}-tasks{tasks}.pt"
     if path.is_file():
         try:
@@ -342,12 +343,9 @@ def load_permuted_fashion_mnist(tasks: int = 5, train_subset: Optional[int] = No
     ``test_subset`` keep a stratified part fixed by ``subset_seed``: the *same* images in every
     task, so that tasks differ only by the permutation. The standardization (one scalar mean/std
     of the training pixels) does not depend on the permutation."""
-    if not (_is_int(tasks) and tasks >= 1):
-        raise ValueError(f"Invalid tasks: {tasks!r} (expected an int >= 1)")
-    _check_subset("train_subset", train_subset)
-    _check_subset("test_subset", test_subset)
-    _check_seed("permutation_seed", permutation_seed)
-    _check_seed("subset_seed", subset_seed)
+    check_int("tasks", tasks, 1)
+    _check_subsets(train_subset, test_subset, permutation_seed=permutation_seed, subset_seed=subset_seed)
+    _check_source(root, fetch)
     base = load_fashion_mnist(root=root, fetch=fetch)
     base = _subset_split(base, stratified_subset(base.y_train, train_subset, subset_seed) if train_subset else None,
                          stratified_subset(base.y_test, test_subset, subset_seed) if test_subset else None, base.name)

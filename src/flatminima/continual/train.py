@@ -29,11 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experiment import (RUN_DIAGNOSTIC_OPTIONS, _cross_entropy, _fail, build_model, diagnostic_batches, evaluate,
+from ..experiment import (RUN_DIAGNOSTIC_OPTIONS, _cross_entropy, build_model, diagnostic_batches, evaluate,
                           logits, steps_per_epoch, train_model)
+from ..validation import check
 from .adapters import STRATEGIES, ContinualLoRA
 from .metrics import _jsonable, continual_metrics
 from .tasks import ContinualTask, TaskSequence, load_sequence
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    check(name, False, value, expected)
+
 
 #: Spaces the top Hessian eigenvalue can be measured in after each task.
 HESSIAN_SPACES = ("lora", "all", "trainable")
@@ -152,9 +158,8 @@ def default_trainable(model: nn.Module) -> list[str]:
     Hugging Face classifier, ``head`` of our CNNs)."""
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name
               and not name.endswith("base_layer")]
-    if not linear:
-        raise ValueError("Invalid continual.trainable: None (the model has no nn.Linear head to train; name the "
-                         "modules to train in every task)")
+    check("continual.trainable", bool(linear), None,
+          "the modules to train in every task (the model has no nn.Linear head to take by default)")
     return [linear[-1]]
 
 

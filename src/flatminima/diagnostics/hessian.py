@@ -38,7 +38,9 @@ Every product is a Jacobian-vector product of a gradient map, ``method=``:
   Second-order methods run with ``scaled_dot_product_attention`` on its math backend, since the
   fused kernels (flash, memory-efficient) have neither forward-mode nor double-backward formulas.
 
-Over several batches ``Cv = Σ_B |B|·C_B v / Σ_B |B|`` (the batch-size-weighted mean). Nothing is
+Over several batches ``Cv = Σ_B |B|·C_B v / Σ_B |B|`` (the batch-size-weighted mean), over the
+batches of every rank under ``torch.distributed`` (``distributed``, :mod:`.objective`: each product
+is all-reduced, so every rank runs the algorithm on the whole data's operator). Nothing is
 written to the model: parameters are substituted (:class:`~.objective.Objective`), random vectors come
 from a ``torch.Generator`` seeded with ``seed``, and the global RNG state and module modes are put
 back. A model whose embedding has a ``padding_idx`` that occurs in the data has a non-symmetric
@@ -86,7 +88,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .._functional import TINY, reduction_dtype
-from ..validation import check, check_int
+from ..validation import check, check_int, check_nonnegative, check_positive
 from .objective import LossFn, Objective, ParamSpec, batch_size, is_batch, iter_batches, select_params
 from .sharpness import Result
 
@@ -200,12 +202,13 @@ class CurvatureOperator:
         self._vmap_ok = True
 
     # -- the full operator --------------------------------------------------------------------
-    def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
-        """``Cv = Σ_B |B|·C_B v / Σ_B |B|``, accumulated in float32 (float64 for float64
+    def __call__(self, v: Sequence[Tensor], batches: Optional[Sequence[Any]] = None) -> list[Tensor]:
+        """``Cv = Σ_B |B|·C_B v / Σ_B |B|`` over the objective's batches (or ``batches``) and, when
+        the objective is distributed, every rank's, accumulated in float32 (float64 for float64
         parameters)."""
         total: Optional[list[Tensor]] = None
         count = 0
-        for batch in self.objective.batches():
+        for batch in self.objective.batches() if batches is None else batches:
             n = batch_size(batch)
             hv = [h.detach().to(reduction_dtype(h)) for h in self.batch_product(v, batch)]
             if total is None:
@@ -213,6 +216,8 @@ class CurvatureOperator:
             else:
                 torch._foreach_add_(total, hv, alpha=n)
             count += n
+        self.objective.all_sum(total)
+        (count,) = self.objective.sum_floats(count)
         torch._foreach_div_(total, float(count))
         self.products += 1
         return total
@@ -337,15 +342,16 @@ def hvp(objective: Objective, v: Sequence[Tensor], batch: Any = None, *, curvatu
         method: str = "auto", outputs_fn: Optional[OutputsFn] = None,
         criterion: Optional[Criterion] = None) -> list[Tensor]:
     """``Cv`` (``C`` the Hessian by default, see the module docstring) at the objective's point, on
-    ``batch`` or, when None, over all of ``objective.data`` (batch-size-weighted mean); ``v`` and the
-    result are lists shaped like ``objective.params`` (the result in the parameters' dtypes)."""
+    ``batch`` or, when None, over all of ``objective.data`` (batch-size-weighted mean; with every
+    rank's batch or data when the objective is distributed); ``v`` and the result are lists shaped
+    like ``objective.params`` (the result in the parameters' dtypes)."""
     op = CurvatureOperator(objective, curvature, method, outputs_fn, criterion)
     v = list(v)
     check("v", len(v) == len(objective.params) and all(t.shape == p.shape for t, p in zip(v, objective.params)),
           [tuple(t.shape) for t in v], "a list of tensors shaped like the objective's parameters")
     with objective.session():
         try:
-            out = op(v) if batch is None else op.batch_product(v, batch)
+            out = op(v, None if batch is None else [batch])
         finally:
             op.release()
     return [t.to(p.dtype) for t, p in zip(out, objective.params)]
@@ -845,12 +851,12 @@ def _blocks(model: nn.Module, chosen: list[Tensor], blocks: BlockSpec) -> list[t
 
 def _run(model: nn.Module, loss_fn: Optional[LossFn], data: Any, params: ParamSpec, blocks: BlockSpec, mode: str,
          seed: int, curvature: str, method: str, outputs_fn, criterion,
-         algorithm: Callable[[CurvatureOperator], Any]) -> Any:
+         algorithm: Callable[[CurvatureOperator], Any], distributed: Optional[bool] = None) -> Any:
     loss_fn = _check_setup(loss_fn, curvature, method, outputs_fn, criterion, blocks)
-    chosen = Objective(model, loss_fn, data, params, mode, seed).params
+    chosen = Objective(model, loss_fn, data, params, mode, seed, distributed).params
     results = {}
     for name, ps in _blocks(model, chosen, blocks):
-        objective = Objective(model, loss_fn, data, ps, mode, seed)
+        objective = Objective(model, loss_fn, data, ps, mode, seed, distributed)
         op = CurvatureOperator(objective, curvature, method, outputs_fn, criterion)
         with objective.session():
             try:
@@ -860,24 +866,14 @@ def _run(model: nn.Module, loss_fn: Optional[LossFn], data: Any, params: ParamSp
     return results[None] if blocks is None else results
 
 
-def _check_tol(name: str, value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    check(name, ok, value, "a finite float > 0")
-    return float(value)
-
-
-def _check_max_vectors(max_vectors: Any) -> None:
-    if max_vectors is not None:
-        check_int("max_vectors", max_vectors, 1)
-
-
 def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: int = 1, *, which: str = "LA",
                     tol: float = 1e-3, bound: str = "eigenvalue", max_iter: Optional[int] = None,
                     max_vectors: Optional[int] = None, offload: Optional[bool] = None,
                     eigenvectors: bool = False, params: ParamSpec = None,
                     blocks: BlockSpec = None, mode: str = "eval", seed: int = 0, curvature: str = "hessian",
                     method: str = "auto", outputs_fn: Optional[OutputsFn] = None,
-                    criterion: Optional[Criterion] = None) -> Union[Eigenvalues, dict[str, Eigenvalues]]:
+                    criterion: Optional[Criterion] = None,
+                    distributed: Optional[bool] = None) -> Union[Eigenvalues, dict[str, Eigenvalues]]:
     """The ``k`` top eigenvalues of the curvature of ``loss_fn(model, ·)`` on ``data`` by Lanczos with
     full reorthogonalization (module docstring), to relative accuracy ``tol``: of the eigenvalue
     (``bound="eigenvalue"``, the quadratic bound ``r²/γ``) or of the residual (``"residual"``).
@@ -889,57 +885,62 @@ def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: i
     docstring). ``params`` chooses the subspace (``"lora"``: the LoRA factors), ``blocks``
     gives per-block results instead (``"layer"``: every module with parameters of its own; or a dict
     name → parameter choice; each block cut down to ``params``) as a dict name → result.
+    ``distributed``: reduce every product over the ranks' data (None: when a process group is
+    initialized; :mod:`.objective`).
     """
     check_int("k", k, 1)
     check("which", which in WHICH, which, "'LA' (largest algebraic) or 'LM' (largest magnitude)")
-    tol = _check_tol("tol", tol)
+    tol = check_positive("tol", tol)
     check("bound", bound in BOUNDS, bound, "'eigenvalue' or 'residual'")
     check("offload", offload is None or isinstance(offload, bool), offload, "None, True or False")
     if max_iter is not None:
         check_int("max_iter", max_iter, k)
-    _check_max_vectors(max_vectors)
+    if max_vectors is not None:
+        check_int("max_vectors", max_vectors, 1)
     return _run(model, loss_fn, data, params, blocks, mode, seed, curvature, method, outputs_fn, criterion,
                 lambda op: _lanczos_top(op, k, which, tol, max_iter, max_vectors, bool(eigenvectors), bound,
-                                        offload))
+                                        offload), distributed)
 
 
 def power_iteration(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: int = 1, *, tol: float = 1e-3,
                     max_iter: int = 100, eigenvectors: bool = False, params: ParamSpec = None,
                     blocks: BlockSpec = None, mode: str = "eval", seed: int = 0, curvature: str = "hessian",
                     method: str = "auto", outputs_fn: Optional[OutputsFn] = None,
-                    criterion: Optional[Criterion] = None) -> Union[Eigenvalues, dict[str, Eigenvalues]]:
+                    criterion: Optional[Criterion] = None,
+                    distributed: Optional[bool] = None) -> Union[Eigenvalues, dict[str, Eigenvalues]]:
     """The ``k`` eigenvalues of largest magnitude by power iteration with deflation: each eigenvalue
     runs until ``‖Cv − λv‖ ≤ tol·|λ|`` or ``max_iter`` products, with the eigenvectors found before
     projected out. Slower than :func:`top_eigenvalues` (the rate is ``|λ_2/λ_1|`` per product);
     kept as the reference algorithm of PyHessian. Arguments as in :func:`top_eigenvalues`."""
     check_int("k", k, 1)
-    tol = _check_tol("tol", tol)
+    tol = check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     return _run(model, loss_fn, data, params, blocks, mode, seed, curvature, method, outputs_fn, criterion,
-                lambda op: _power(op, k, tol, max_iter, bool(eigenvectors)))
+                lambda op: _power(op, k, tol, max_iter, bool(eigenvectors)), distributed)
 
 
 def hessian_trace(model: nn.Module, loss_fn: Optional[LossFn], data: Any, *, probes: int = 100,
                   rtol: float = 1e-2, min_probes: int = 10, params: ParamSpec = None, blocks: BlockSpec = None,
                   mode: str = "eval", seed: int = 0, curvature: str = "hessian", method: str = "auto",
                   outputs_fn: Optional[OutputsFn] = None,
-                  criterion: Optional[Criterion] = None) -> Union[Trace, dict[str, Trace]]:
+                  criterion: Optional[Criterion] = None,
+                  distributed: Optional[bool] = None) -> Union[Trace, dict[str, Trace]]:
     """``tr(C)`` by Hutchinson's estimator with Rademacher probes: at most ``probes`` of them,
     stopping once ``stderr ≤ rtol·|estimate|`` after at least ``min_probes``. Arguments as in
     :func:`top_eigenvalues`."""
     check_int("probes", probes, 1)
-    check("rtol", isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < math.inf, rtol,
-          "a finite float >= 0")
+    check_nonnegative("rtol", rtol)
     check_int("min_probes", min_probes, 1)
     return _run(model, loss_fn, data, params, blocks, mode, seed, curvature, method, outputs_fn, criterion,
-                lambda op: _hutchinson(op, probes, float(rtol), min(min_probes, probes)))
+                lambda op: _hutchinson(op, probes, float(rtol), min(min_probes, probes)), distributed)
 
 
 def spectral_density(model: nn.Module, loss_fn: Optional[LossFn], data: Any, *, probes: int = 4, steps: int = 64,
                      points: int = 1000, sigma: Optional[float] = None, max_vectors: Optional[int] = None,
                      params: ParamSpec = None, blocks: BlockSpec = None, mode: str = "eval", seed: int = 0,
                      curvature: str = "hessian", method: str = "auto", outputs_fn: Optional[OutputsFn] = None,
-                     criterion: Optional[Criterion] = None) -> Union[SpectralDensity, dict[str, SpectralDensity]]:
+                     criterion: Optional[Criterion] = None,
+                     distributed: Optional[bool] = None) -> Union[SpectralDensity, dict[str, SpectralDensity]]:
     """The spectral density of ``C`` by stochastic Lanczos quadrature: ``probes`` Rademacher probes,
     ``steps`` Lanczos steps each (``probes × steps`` products), Gaussian broadening ``sigma``
     (default 1% of the spectrum's span) on ``points`` grid points spanning the nodes ± 6σ. Arguments
@@ -948,31 +949,36 @@ def spectral_density(model: nn.Module, loss_fn: Optional[LossFn], data: Any, *, 
     check_int("steps", steps, 1)
     check_int("points", points, 2)
     if sigma is not None:
-        sigma = _check_tol("sigma", sigma)
-    _check_max_vectors(max_vectors)
+        sigma = check_positive("sigma", sigma)
+    if max_vectors is not None:
+        check_int("max_vectors", max_vectors, 1)
     return _run(model, loss_fn, data, params, blocks, mode, seed, curvature, method, outputs_fn, criterion,
-                lambda op: _slq(op, probes, steps, points, sigma, max_vectors))
+                lambda op: _slq(op, probes, steps, points, sigma, max_vectors), distributed)
 
 
 def batch_top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, *, which: str = "LA",
                           tol: float = 1e-3, max_iter: Optional[int] = None, max_vectors: Optional[int] = None,
                           params: ParamSpec = None, mode: str = "eval", seed: int = 0, curvature: str = "hessian",
                           method: str = "auto", outputs_fn: Optional[OutputsFn] = None,
-                          criterion: Optional[Criterion] = None) -> BatchEigenvalues:
+                          criterion: Optional[Criterion] = None,
+                          distributed: Optional[bool] = None) -> BatchEigenvalues:
     """The dominant eigenvalue of the curvature on each batch of ``data`` separately, as a
     distribution (DESIGN.md §10: histogram, median, min, max), by Lanczos (as
-    :func:`top_eigenvalues` with ``k=1``, each batch its own objective)."""
+    :func:`top_eigenvalues` with ``k=1``, each batch its own objective). Distributed, each batch
+    stays a rank's own and the results of every rank are gathered in rank order."""
     check("which", which in WHICH, which, "'LA' (largest algebraic) or 'LM' (largest magnitude)")
-    tol = _check_tol("tol", tol)
+    tol = check_positive("tol", tol)
     if max_iter is not None:
         check_int("max_iter", max_iter, 1)
-    _check_max_vectors(max_vectors)
+    if max_vectors is not None:
+        check_int("max_vectors", max_vectors, 1)
     loss_fn = _check_setup(loss_fn, curvature, method, outputs_fn, criterion, None)
-    chosen = Objective(model, loss_fn, data, params, mode, seed).params
+    whole = Objective(model, loss_fn, data, params, mode, seed, distributed)
+    chosen = whole.params
     values, sizes, converged = [], [], []
     hvps = 0
     for batch in iter_batches(data):
-        objective = Objective(model, loss_fn, batch, chosen, mode, seed)
+        objective = Objective(model, loss_fn, batch, chosen, mode, seed, distributed=False)
         op = CurvatureOperator(objective, curvature, method, outputs_fn, criterion)
         with objective.session():
             try:
@@ -984,5 +990,8 @@ def batch_top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any
         converged.append(bool(result.converged[0]))
         sizes.append(batch_size(batch))
         hvps += result.hvps
-    return BatchEigenvalues(np.asarray(values), np.asarray(sizes), np.asarray(converged), hvps, method,
+    rows = whole.gather(list(zip(values, sizes, converged)))
+    (hvps,) = whole.sum_floats(hvps)
+    values, sizes, converged = ([r[i] for r in rows] for i in range(3))
+    return BatchEigenvalues(np.asarray(values), np.asarray(sizes), np.asarray(converged), int(hvps), method,
                             sum(p.numel() for p in chosen))

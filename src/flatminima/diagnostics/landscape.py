@@ -1,11 +1,13 @@
 """Loss landscapes: slices along filter-normalized random directions, and linear interpolation.
 
 * **Filter-normalized directions** (Li et al. 2018, "Visualizing the loss landscape of neural
-  nets", §4): ``d ~ N(0, I)``; for every filter ``i`` (output row of a ≥2-D tensor, output channel
-  of a convolution) ``d_i ← (d_i − mean(d_i))·‖w_i‖/‖d_i − mean(d_i)‖``, so each filter of ``d``
-  has zero mean and the norm of the weight's filter (one-element filters are not centred: their
-  direction is ``±|w_i|``). 1-D tensors (biases, norms) follow ``one_d``: ``"ignore"`` (zero
-  direction, Li et al.'s choice) or ``"filter"`` (the whole vector is one filter).
+  nets", §4, and their ``net_plotter.py``): ``d ~ N(0, I)``; for every filter ``i`` (output row of
+  a ≥2-D tensor, output channel of a convolution) ``d_i ← d_i·‖w_i‖/‖d_i‖``, so each filter of
+  ``d`` has the norm of the weight's filter. ``center=True`` (not Li et al.'s) first centres each
+  filter, ``d_i ← (d_i − mean(d_i))·‖w_i‖/‖d_i − mean(d_i)‖`` (one-element filters are not
+  centred, or they would vanish). 1-D tensors (biases, norms) follow ``one_d``: ``"ignore"`` (zero
+  direction: the code's ``ignore='biasbn'``), ``"weight"`` (``d = w``: the code without it) or
+  ``"filter"`` (the whole vector is one filter).
 * **Slices** ``L(w + α·d₁)`` and ``L(w + α·d₁ + β·d₂)`` on a grid (:func:`loss_landscape`), with
   ``d₂`` optionally orthogonalized against ``d₁`` filter by filter (Gram–Schmidt per filter, then
   normalized again: the pair is exactly orthogonal and both stay filter-normalized); the metric
@@ -36,12 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from .._functional import TINY, global_norm, reduction_dtype
-from ..validation import check
+from ..validation import check, check_bool
 from .objective import LossFn, Objective, ParamSpec, select_params
 from .robustness import MetricFn, _check_metric, evaluate
 from .sharpness import Result, _plain, gaussian, generator, shifted
 
-ONE_D = ("ignore", "filter")
+ONE_D = ("ignore", "weight", "filter")
 BUFFERS = ("a", "interpolate")
 Direction = list[Tensor]
 
@@ -50,25 +52,31 @@ Direction = list[Tensor]
 
 
 def _rows(t: Tensor, one_d: str) -> Optional[Tensor]:
-    """``t`` viewed as ``filters × elements`` (None: a 1-D tensor that ``one_d`` ignores)."""
+    """``t`` viewed as ``filters × elements`` (None: a 1-D tensor that ``one_d`` does not normalize)."""
     if t.dim() >= 2:
         return t.reshape(t.shape[0], -1)
-    return None if one_d == "ignore" else t.reshape(1, -1)
+    return t.reshape(1, -1) if one_d == "filter" else None
 
 
-def filter_normalize(direction: Sequence[Tensor], weights: Sequence[Tensor], one_d: str = "ignore") -> Direction:
-    """Li et al. (2018): each filter of ``direction`` centred to zero mean and rescaled to the norm
-    of the same filter of ``weights`` (module docstring); 1-D tensors per ``one_d``. New tensors
-    in ``direction``'s dtype."""
+def _check_direction_options(one_d: Any, center: Any) -> None:
     check("one_d", one_d in ONE_D, one_d, f"one of {', '.join(ONE_D)}")
+    check_bool("center", center)
+
+
+def filter_normalize(direction: Sequence[Tensor], weights: Sequence[Tensor], one_d: str = "ignore",
+                     center: bool = False) -> Direction:
+    """Li et al. (2018): each filter of ``direction`` rescaled to the norm of the same filter of
+    ``weights``, ``d_i·‖w_i‖/‖d_i‖`` (centred to zero mean first with ``center=True``; module
+    docstring); 1-D tensors per ``one_d``. New tensors in ``direction``'s dtype."""
+    _check_direction_options(one_d, center)
     out = []
     # A loop over tensors: per-filter statistics of differently shaped tensors, once per direction.
     for d, w in zip(direction, weights):
         rows = _rows(d, one_d)
-        if rows is None:
-            out.append(torch.zeros_like(d))
+        if rows is None:  # a 1-D tensor: zero (ignore) or the weight itself (Li et al.'s code)
+            out.append(torch.zeros_like(d) if one_d == "ignore" else w.detach().to(d.dtype, copy=True))
             continue
-        if rows.shape[1] > 1:
+        if center and rows.shape[1] > 1:
             rows = rows - rows.mean(1, keepdim=True)
         target = torch.linalg.vector_norm(_rows(w, one_d).to(rows.dtype), dim=1, keepdim=True)
         out.append((rows * (target / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(TINY)))
@@ -77,9 +85,12 @@ def filter_normalize(direction: Sequence[Tensor], weights: Sequence[Tensor], one
 
 
 def orthogonalize_filters(d2: Sequence[Tensor], d1: Sequence[Tensor], weights: Sequence[Tensor],
-                          one_d: str = "ignore") -> Direction:
+                          one_d: str = "ignore", center: bool = False) -> Direction:
     """``d₂`` made orthogonal to ``d₁`` filter by filter (``d₂ᵢ − (d₂ᵢ·d₁ᵢ/‖d₁ᵢ‖²)·d₁ᵢ``) and
-    filter-normalized again: orthogonal as whole vectors, each filter zero-mean with ``‖w_i‖``."""
+    filter-normalized again: orthogonal as whole vectors (except ``one_d="weight"``, whose 1-D parts
+    are ``w`` in both), each filter with ``‖w_i‖`` (and zero mean with ``center=True``: centring
+    keeps a difference of zero-mean filters zero-mean)."""
+    _check_direction_options(one_d, center)
     out = []
     for a, b in zip(d2, d1):
         ra, rb = _rows(a, one_d), _rows(b, one_d)
@@ -88,16 +99,16 @@ def orthogonalize_filters(d2: Sequence[Tensor], d1: Sequence[Tensor], weights: S
             continue
         coef = (ra * rb).sum(1, keepdim=True) / (rb * rb).sum(1, keepdim=True).clamp_min(TINY)
         out.append((ra - coef * rb).reshape(a.shape))
-    return filter_normalize(out, weights, one_d)
+    return filter_normalize(out, weights, one_d, center)
 
 
 def filter_normalized_direction(weights: Sequence[Tensor], seed: Union[int, torch.Generator] = 0,
-                                one_d: str = "ignore") -> Direction:
+                                one_d: str = "ignore", center: bool = False) -> Direction:
     """A random Gaussian direction shaped like ``weights``, filter-normalized (Li et al. 2018), in
     the reduction dtype (float32 for low-precision weights). ``seed``: an int or a generator."""
-    check("one_d", one_d in ONE_D, one_d, f"one of {', '.join(ONE_D)}")
+    _check_direction_options(one_d, center)
     gen = seed if isinstance(seed, torch.Generator) else generator(weights[0].device, seed)
-    return filter_normalize(gaussian(weights, gen), weights, one_d)
+    return filter_normalize(gaussian(weights, gen), weights, one_d, center)
 
 
 def _space(model: nn.Module, params: ParamSpec, merged: bool) -> tuple[list[Tensor], list[Tensor], str]:
@@ -118,22 +129,24 @@ def _space(model: nn.Module, params: ParamSpec, merged: bool) -> tuple[list[Tens
 
 
 def landscape_directions(model: nn.Module, count: int = 2, params: ParamSpec = None, merged: bool = False,
-                         one_d: str = "ignore", orthogonalize: bool = False, seed: int = 0) -> list[Direction]:
+                         one_d: str = "ignore", orthogonalize: bool = False, seed: int = 0,
+                         center: bool = False) -> list[Direction]:
     """The ``count`` (1 or 2) filter-normalized directions :func:`loss_landscape` draws for these
     arguments: each a list of tensors shaped like the substituted parameters (for ``merged=True``
     the LoRA layers' base weights, normalized on the merged weights' filters)."""
     check("count", count in (1, 2), count, "1 or 2")
-    check("one_d", one_d in ONE_D, one_d, f"one of {', '.join(ONE_D)}")
-    check("orthogonalize", isinstance(orthogonalize, bool), orthogonalize, "True or False")
+    _check_direction_options(one_d, center)
+    check_bool("orthogonalize", orthogonalize)
     _, references, _ = _space(model, params, merged)
-    return _draw(references, count, one_d, orthogonalize, seed)
+    return _draw(references, count, one_d, orthogonalize, seed, center)
 
 
-def _draw(references: Sequence[Tensor], count: int, one_d: str, orthogonalize: bool, seed: int) -> list[Direction]:
+def _draw(references: Sequence[Tensor], count: int, one_d: str, orthogonalize: bool, seed: int,
+          center: bool) -> list[Direction]:
     gen = generator(references[0].device, seed)
-    directions = [filter_normalized_direction(references, gen, one_d) for _ in range(count)]
+    directions = [filter_normalized_direction(references, gen, one_d, center) for _ in range(count)]
     if orthogonalize and count == 2:
-        directions[1] = orthogonalize_filters(directions[1], directions[0], references, one_d)
+        directions[1] = orthogonalize_filters(directions[1], directions[0], references, one_d, center)
     return directions
 
 
@@ -156,6 +169,7 @@ class Landscape(Result):
     direction_norms: np.ndarray        #: ``‖d_k‖₂``
     cosine: Optional[float]            #: ``cos(d₁, d₂)`` for a 2-D slice
     seed: int
+    centered: bool = False             #: filters centred before rescaling (``center=True``)
 
     @property
     def dims(self) -> int:
@@ -185,29 +199,31 @@ def loss_landscape(model: nn.Module, loss_fn: LossFn, data: Any, alphas: Optiona
                    betas: Optional[Sequence[float]] = None, directions: Optional[Sequence[Direction]] = None,
                    params: ParamSpec = None, merged: bool = False, one_d: str = "ignore",
                    orthogonalize: bool = False, metric_fn: Optional[MetricFn] = None, mode: str = "eval",
-                   seed: int = 0) -> Landscape:
+                   seed: int = 0, center: bool = False, distributed: Optional[bool] = None) -> Landscape:
     """A 1-D slice ``L(w + α·d₁)`` over ``alphas`` (default ``np.linspace(-1, 1, 21)``) or, with
     ``betas``, the 2-D slice ``L(w + α·d₁ + β·d₂)`` on the grid ``alphas × betas`` (module docstring).
 
     ``directions``: explicit directions (a list of one or two lists of tensors shaped like the
     chosen parameters); by default filter-normalized Gaussian ones drawn from ``seed``
-    (:func:`landscape_directions` returns the same ones). ``params``/``merged`` choose the space
+    (:func:`landscape_directions` returns the same ones; ``center=True`` centres their filters). ``params``/``merged`` choose the space
     (``params="lora"``: the LoRA factors; ``merged=True``: the merged weights of the LoRA layers).
-    ``metric_fn`` (e.g. :func:`~.robustness.accuracy`) is evaluated on the grid too. Cost: one
-    forward pass over ``data`` per grid point (two with a metric).
+    ``metric_fn`` (e.g. :func:`~.robustness.accuracy`) is evaluated on the grid too.
+    ``distributed``: losses over every rank's data (None: when a process group is initialized;
+    :mod:`.objective`). Cost: one forward pass over ``data`` per grid point (two with a metric).
     """
     alphas = _grid("alphas", np.linspace(-1.0, 1.0, 21) if alphas is None else alphas)
     betas = None if betas is None else _grid("betas", betas)
-    check("one_d", one_d in ONE_D, one_d, f"one of {', '.join(ONE_D)}")
-    check("orthogonalize", isinstance(orthogonalize, bool), orthogonalize, "True or False")
+    _check_direction_options(one_d, center)
+    check_bool("orthogonalize", orthogonalize)
     _check_metric(metric_fn)
     tensors, references, label = _space(model, params, merged)
     count = 1 if betas is None else 2
+    directions_drawn = directions is None
     if directions is None:
-        directions = _draw(references, count, one_d, orthogonalize, seed)
+        directions = _draw(references, count, one_d, orthogonalize, seed, center)
     else:
         directions = _check_directions(directions, count, tensors)
-    objective = Objective(model, loss_fn, data, tensors, mode, seed)
+    objective = Objective(model, loss_fn, data, tensors, mode, seed, distributed)
     w = objective.point()
     clean_loss, clean_metric = evaluate(objective, metric_fn=metric_fn)
     shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
@@ -227,7 +243,7 @@ def loss_landscape(model: nn.Module, loss_fn: LossFn, data: Any, alphas: Optiona
         cosine = dot / max(norms[0] * norms[1], TINY)
     return Landscape(alphas=alphas, betas=betas, loss=loss, metric=metric, clean_loss=clean_loss,
                      clean_metric=clean_metric, space=label, one_d=one_d, orthogonalized=orthogonalize and count == 2,
-                     direction_norms=norms, cosine=cosine, seed=seed)
+                     direction_norms=norms, cosine=cosine, seed=seed, centered=center and directions_drawn)
 
 
 # -- interpolation ---------------------------------------------------------------------------
@@ -305,17 +321,19 @@ class Interpolation(Result):
 
 def interpolate(model_a: nn.Module, model_b: Endpoint, loss_fn: LossFn, data: Any,
                 ts: Optional[Sequence[float]] = None, params: ParamSpec = "all", buffers: str = "a",
-                metric_fn: Optional[MetricFn] = None, mode: str = "eval", seed: int = 0) -> Interpolation:
+                metric_fn: Optional[MetricFn] = None, mode: str = "eval", seed: int = 0,
+                distributed: Optional[bool] = None) -> Interpolation:
     """The loss (and ``metric_fn``) along ``θ(t) = (1 − t)·θ_a + t·θ_b``, ``t`` in ``ts`` (default
     ``np.linspace(-0.5, 1.5, 21)``), evaluated on ``model_a`` with its parameters (``params``,
     default every floating-point one) substituted; ``model_b`` is a module or state dict with the
     same parameter names. ``buffers``: ``"a"`` (model a's buffers everywhere) or ``"interpolate"``
     (floating buffers, e.g. BatchNorm statistics, interpolated too; or use ``mode="train"`` to
-    normalize with batch statistics). Neither model is written.
+    normalize with batch statistics). ``distributed`` as in :func:`loss_landscape`. Neither model
+    is written.
     """
     ts = _grid("ts", np.linspace(-0.5, 1.5, 21) if ts is None else ts)
     _check_metric(metric_fn)
-    objective = Objective(model_a, loss_fn, data, params, mode, seed)
+    objective = Objective(model_a, loss_fn, data, params, mode, seed, distributed)
     line = Line(model_a, objective.params, model_b, buffers)
     loss = np.empty(len(ts))
     metric = None if metric_fn is None else np.empty(len(ts))

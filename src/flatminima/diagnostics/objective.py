@@ -18,6 +18,17 @@ writes the user's model.
 
 Parameter values are substituted with :func:`torch.func.functional_call`, so the model's
 ``state_dict``, ``requires_grad`` flags and modes, and the global RNG state, are as they were.
+
+**Distributed data** (``distributed``, every diagnostic): with ``None`` (default) and an
+initialized ``torch.distributed`` process group of more than one rank, each rank holds its share of
+the data and every loss, gradient and curvature-vector product is summed over the ranks with the
+batch sizes (``Σ_r Σ_B |B|·x_B / Σ_r Σ_B |B|``, one all-reduce per evaluation), so every rank gets
+what one process computes on all the data; ``False``: this rank's data only; ``True``: reduce, and
+refuse to run without a process group. The group is a DDP model's own (``model.process_group``),
+otherwise the default one. A ``DistributedDataParallel`` model is evaluated through its
+``.module`` (DDP's forward would sync buffers and wait for a backward that never comes). Random
+vectors come from generators seeded alike on every rank, so all ranks run the same algorithm on
+the same reduced numbers; every rank must call the diagnostic (it is a collective).
 """
 
 from __future__ import annotations
@@ -35,6 +46,20 @@ from ..validation import check
 LossFn = Callable[[nn.Module, Any], Tensor]
 ParamSpec = Union[None, str, nn.Module, Iterable[Tensor], Callable[[str, Tensor], bool]]
 MODES = ("eval", "train", "as_is")
+
+
+def _process_group(model: nn.Module, distributed: Optional[bool]) -> tuple[nn.Module, bool, Any]:
+    """``(module to evaluate, reduce over ranks?, process group)`` for ``distributed`` (module docstring)."""
+    check("distributed", distributed is None or isinstance(distributed, bool), distributed, "None, True or False")
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    group = model.process_group if ddp else None
+    inner = model.module if ddp else model
+    if distributed is False:
+        return inner, False, None
+    live = torch.distributed.is_available() and torch.distributed.is_initialized()
+    check("distributed", live or distributed is None, distributed,
+          "None or False without an initialized torch.distributed process group")
+    return inner, live and torch.distributed.get_world_size(group) > 1, group
 
 
 def is_batch(data: Any) -> bool:
@@ -55,12 +80,9 @@ def batch_size(batch: Any) -> int:
     if torch.is_tensor(batch):
         return batch.shape[0] if batch.dim() else 1
     values = batch.values() if isinstance(batch, dict) else batch
-    for v in values:
-        if torch.is_tensor(v):
-            return v.shape[0] if v.dim() else 1
-        if isinstance(v, dict):
-            return batch_size(v)
-    raise ValueError(f"Invalid batch: {type(batch).__name__} (expected a tensor, a dict or a tuple holding tensors)")
+    first = next((v for v in values if torch.is_tensor(v) or isinstance(v, dict)), None)
+    check("batch", first is not None, type(batch).__name__, "a tensor, a dict or a tuple holding tensors")
+    return batch_size(first)
 
 
 def iter_batches(data: Any) -> Iterator[Any]:
@@ -143,10 +165,11 @@ class Objective:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSpec = None,
-                 mode: str = "eval", seed: int = 0):
+                 mode: str = "eval", seed: int = 0, distributed: Optional[bool] = None):
         check("loss_fn", callable(loss_fn), loss_fn, "a callable loss_fn(model, batch) -> scalar tensor")
         check("mode", mode in MODES, mode, f"one of {', '.join(MODES)}")
         check("seed", isinstance(seed, int) and not isinstance(seed, bool), seed, "an int")
+        model, self.distributed, self.group = _process_group(model, distributed)
         self.model, self.loss_fn, self.data, self.mode, self.seed = model, loss_fn, data, mode, seed
         self.names, self.params = select_params(model, params)
         self._wrapper = _LossModule(model, loss_fn)
@@ -176,6 +199,30 @@ class Objective:
         with modes(self.model, self.mode), torch.random.fork_rng(devices=devices):
             yield
 
+    # -- reduction over ranks -----------------------------------------------------------------
+    def all_sum(self, tensors: Sequence[Tensor]) -> None:
+        """Sum ``tensors`` in place over the ranks (nothing without :attr:`distributed`)."""
+        if self.distributed:
+            works = [torch.distributed.all_reduce(t, group=self.group, async_op=True) for t in tensors]
+            for work in works:
+                work.wait()
+
+    def sum_floats(self, *values: float) -> list[float]:
+        """``values`` summed over the ranks (float64, one all-reduce; as given without :attr:`distributed`)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.all_sum([t])
+        return t.tolist()
+
+    def gather(self, values: list) -> list:
+        """The lists of every rank concatenated in rank order (``values`` without :attr:`distributed`)."""
+        if not self.distributed:
+            return values
+        parts: list = [None] * torch.distributed.get_world_size(self.group)
+        torch.distributed.all_gather_object(parts, values, group=self.group)
+        return [v for part in parts for v in part]
+
     # -- evaluation ---------------------------------------------------------------------------
     def loss(self, values: Sequence[Tensor], batch: Any) -> Tensor:
         """``loss_fn(model_w, batch)`` with the chosen parameters set to ``values``. Call it inside
@@ -204,7 +251,8 @@ class Objective:
             return functional_call(wrapper, substituted, (batch,))
 
     def value(self, values: Optional[Sequence[Tensor]] = None) -> float:
-        """``L(values)`` over all of ``data`` (batch-size weighted mean), no gradient."""
+        """``L(values)`` over all of ``data`` (batch-size weighted mean; over every rank's data when
+        :attr:`distributed`), no gradient."""
         values = self.point() if values is None else values
         total, count = 0.0, 0
         with self.session(), torch.no_grad():
@@ -212,11 +260,12 @@ class Objective:
                 n = batch_size(batch)
                 total += float(self.loss(values, batch)) * n
                 count += n
+        total, count = self.sum_floats(total, count)
         return total / count
 
     def gradient(self, values: Optional[Sequence[Tensor]] = None) -> tuple[float, list[Tensor]]:
-        """``(L, ∇L)`` at ``values`` over all of ``data`` (batch-size weighted), the gradient as a
-        list shaped like :attr:`params`."""
+        """``(L, ∇L)`` at ``values`` over all of ``data`` (batch-size weighted; over every rank's data
+        when :attr:`distributed`), the gradient as a list shaped like :attr:`params`."""
         values = self.point() if values is None else values
         total_loss, count = 0.0, 0
         total = [torch.zeros_like(v) for v in values]
@@ -230,5 +279,7 @@ class Objective:
                 torch._foreach_add_(total, grads, alpha=n)
                 total_loss += float(loss.detach()) * n
                 count += n
+        self.all_sum(total)
+        total_loss, count = self.sum_floats(total_loss, count)
         torch._foreach_div_(total, count)
         return total_loss / count, total

@@ -12,14 +12,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .._extras import require
+
 PathLike = Union[str, os.PathLike]
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError("plots need matplotlib: pip install matplotlib") from exc
+    matplotlib = require("matplotlib", "plots", "flatminima.diagnostics.plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .._files import write_text
 from ..validation import check
 from . import hessian, landscape, robustness, sharpness
 from .objective import LossFn, ParamSpec
@@ -37,26 +38,27 @@ DIAGNOSTICS = tuple(DEFAULTS)
 DEFAULT_DIAGNOSTICS = ("hessian", "trace", "sharpness", "average_sharpness", "landscape_1d")
 
 
-def _run_one(name: str, model, loss_fn, data, params, metric_fn, mode, seed, settings) -> Any:
-    common = {"params": params, "mode": mode, "seed": seed}
+def _run_one(name: str, model, loss_fn, data, params, metric_fn, mode, seed, settings, distributed=None) -> Any:
+    # settings (options=) win over the report's own arguments
+    common = {"params": params, "mode": mode, "seed": seed, "distributed": distributed, **settings}
     if name == "hessian":
-        return hessian.top_eigenvalues(model, loss_fn, data, **common, **settings)
+        return hessian.top_eigenvalues(model, loss_fn, data, **common)
     if name == "trace":
-        return hessian.hessian_trace(model, loss_fn, data, **common, **settings)
+        return hessian.hessian_trace(model, loss_fn, data, **common)
     if name == "density":
-        return hessian.spectral_density(model, loss_fn, data, **common, **settings)
+        return hessian.spectral_density(model, loss_fn, data, **common)
     if name == "batch_hessian":
-        return hessian.batch_top_eigenvalues(model, loss_fn, data, **common, **settings)
+        return hessian.batch_top_eigenvalues(model, loss_fn, data, **common)
     if name == "sharpness":
-        return sharpness.worst_case_sharpness(model, loss_fn, data, **common, **settings)
+        return sharpness.worst_case_sharpness(model, loss_fn, data, **common)
     if name == "average_sharpness":
-        return sharpness.average_sharpness(model, loss_fn, data, **common, **settings)
+        return sharpness.average_sharpness(model, loss_fn, data, **common)
     if name == "robustness":
-        return robustness.corruption_robustness(model, loss_fn, data, metric_fn=metric_fn, **common, **settings)
+        return robustness.corruption_robustness(model, loss_fn, data, metric_fn=metric_fn, **common)
     if name == "curve":
-        return robustness.perturbation_curve(model, loss_fn, data, **common, **settings)
+        return robustness.perturbation_curve(model, loss_fn, data, **common)
     if name in ("landscape_1d", "landscape_2d"):
-        return landscape.loss_landscape(model, loss_fn, data, metric_fn=metric_fn, **common, **settings)
+        return landscape.loss_landscape(model, loss_fn, data, metric_fn=metric_fn, **common)
     raise AssertionError(name)
 
 
@@ -98,12 +100,14 @@ def report(model, loss_fn: LossFn, data: Any, out_dir: Optional[str | Path] = No
            diagnostics: Sequence[str] = DEFAULT_DIAGNOSTICS, params: ParamSpec = None,
            metric_fn: Optional[Callable] = None, mode: str = "eval", seed: int = 0,
            options: Optional[dict[str, dict[str, Any]]] = None, figures: bool = True,
-           log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+           log: Optional[Callable[[str], None]] = None, distributed: Optional[bool] = None) -> dict[str, Any]:
     """Run ``diagnostics`` (names from :data:`DIAGNOSTICS`) on ``model`` and return
     ``{"results": name → result, "summary": headline numbers, "seconds": name → wall time}``.
     With ``out_dir``: ``report.json`` (every result's ``to_dict()``), a PNG per diagnostic that has
     a figure (without matplotlib they are skipped with a note) and ``.npz`` arrays for landscapes.
-    ``options`` overrides :data:`DEFAULTS` per diagnostic. The model is left as it was."""
+    ``options`` overrides :data:`DEFAULTS` per diagnostic; ``distributed`` is every diagnostic's
+    (reduce over the ranks' data; None: when a process group is initialized; every rank calls
+    ``report``, and only one should pass ``out_dir``). The model is left as it was."""
     check("diagnostics", isinstance(diagnostics, (list, tuple)) and len(diagnostics) > 0
           and all(d in DIAGNOSTICS for d in diagnostics), diagnostics,
           f"a non-empty list of: {', '.join(DIAGNOSTICS)}")
@@ -118,7 +122,7 @@ def report(model, loss_fn: LossFn, data: Any, out_dir: Optional[str | Path] = No
     for name in diagnostics:
         started = time.perf_counter()
         results[name] = _run_one(name, model, loss_fn, data, params, metric_fn, mode, seed,
-                                 {**DEFAULTS[name], **options.get(name, {})})
+                                 {**DEFAULTS[name], **options.get(name, {})}, distributed)
         seconds[name] = time.perf_counter() - started
         if log:
             log(f"{name}: {seconds[name]:.1f} s")
@@ -136,5 +140,5 @@ def report(model, loss_fn: LossFn, data: Any, out_dir: Optional[str | Path] = No
         payload = {"summary": summary, "seconds": seconds, "figures": files,
                    "settings": {n: {**DEFAULTS[n], **options.get(n, {})} for n in diagnostics},
                    "results": {n: r.to_dict() for n, r in results.items()}}
-        (out / "report.json").write_text(json.dumps(payload, indent=1, default=str))
+        write_text(out / "report.json", json.dumps(payload, indent=1, default=str))
     return {"results": results, "summary": summary, "seconds": seconds}

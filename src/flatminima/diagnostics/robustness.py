@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .._functional import global_norm
 from ..validation import check, check_int
 from .objective import LossFn, Objective, ParamSpec, batch_size
-from .sharpness import (Result, ascend, check_ball_norm, check_positive, generator, norm_label,
-                        random_in_ball, shifted, stderr)
+from ..validation import check_nonnegative, check_positive
+from .sharpness import Result, ascend, check_ball_norm, generator, norm_label, random_in_ball, shifted, stderr
 
 MetricFn = Callable[[nn.Module, Any], Any]
 KINDS = ("random", "adversarial")
@@ -53,7 +53,8 @@ def accuracy(model: nn.Module, batch: Any) -> tuple[Tensor, int]:
 def evaluate(objective: Objective, values: Optional[Sequence[Tensor]] = None, metric_fn: Optional[MetricFn] = None,
              buffers: Optional[dict[str, Tensor]] = None) -> tuple[float, Optional[float]]:
     """``(L(values), metric(values))`` over all of the objective's data in one pass (metric None
-    without ``metric_fn``); ``buffers`` substitutes buffers too (:meth:`Objective.evaluate`)."""
+    without ``metric_fn``; both over every rank's data when the objective is distributed);
+    ``buffers`` substitutes buffers too (:meth:`Objective.evaluate`)."""
     values = objective.point() if values is None else values
     loss, count, total, total_count = 0.0, 0, 0.0, 0.0
     with objective.session(), torch.no_grad():
@@ -67,6 +68,7 @@ def evaluate(objective: Objective, values: Optional[Sequence[Tensor]] = None, me
                     total, total_count = total + float(out[0]), total_count + float(out[1])
                 else:
                     total, total_count = total + float(out) * n, total_count + n
+    loss, count, total, total_count = objective.sum_floats(loss, count, total, total_count)
     return loss / count, None if metric_fn is None else total / total_count
 
 
@@ -114,7 +116,7 @@ def _budgets(budgets: Any, norm: Any) -> list[tuple[float, list[float]]]:
         check("budgets", isinstance(values, (int, float)) or hasattr(values, "__iter__"), budgets, expected)
         values = [values] if isinstance(values, (int, float)) else list(values)
         check("budgets", bool(values), budgets, expected)
-        out.append((p, [check_positive("budgets", v) for v in values]))
+        out.append((p, [check_nonnegative("budgets", v) for v in values]))
     check("budgets", bool(out), budgets, "a non-empty sequence of budgets >= 0 (or {norm: budgets})")
     return out
 
@@ -123,7 +125,7 @@ def corruption_robustness(model: nn.Module, loss_fn: LossFn, data: Any, budgets:
                           norm: Any = 2, metric_fn: Optional[MetricFn] = None, kinds: Sequence[str] = KINDS,
                           relative: bool = False, samples: int = 1, steps: int = 10,
                           step_size: Optional[float] = None, params: ParamSpec = None, mode: str = "eval",
-                          seed: int = 0) -> RobustnessTable:
+                          seed: int = 0, distributed: Optional[bool] = None) -> RobustnessTable:
     """GA-SAM Table 4: loss and ``metric_fn`` of ``w + a`` for random and adversarial corruptions
     ``‖a‖_p ≤ ε`` (module docstring).
 
@@ -133,6 +135,7 @@ def corruption_robustness(model: nn.Module, loss_fn: LossFn, data: Any, budgets:
     size ``step_size`` (default ``1.5ε/steps``) for the adversarial one. Rows hold ``norm``,
     ``budget`` (as given), ``absolute_budget``, ``kind``, ``loss``, ``loss_stderr``, ``metric``,
     ``metric_stderr``, ``metric_change`` (against the clean metric) and ``perturbation_norm``.
+    ``distributed``: reduce over the ranks' data (None: when a process group is initialized).
     """
     groups = _budgets(budgets, norm)
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
@@ -141,9 +144,9 @@ def corruption_robustness(model: nn.Module, loss_fn: LossFn, data: Any, budgets:
     check_int("samples", samples, 1)
     check_int("steps", steps, 1)
     if step_size is not None:
-        check_positive("step_size", step_size, allow_zero=False)
+        check_positive("step_size", step_size)
     _check_metric(metric_fn)
-    objective = Objective(model, loss_fn, data, params, mode, seed)
+    objective = Objective(model, loss_fn, data, params, mode, seed, distributed)
     gen = generator(objective.device, seed)
     w = objective.point()
     clean_loss, clean_metric = evaluate(objective, metric_fn=metric_fn)
@@ -208,12 +211,14 @@ class PerturbationCurve(Result):
 
 def perturbation_curve(model: nn.Module, loss_fn: LossFn, data: Any, radii: Optional[Sequence[float]] = None,
                        samples: int = 8, steps: int = 10, step_size: Optional[float] = None, relative: bool = False,
-                       params: ParamSpec = None, mode: str = "eval", seed: int = 0) -> PerturbationCurve:
+                       params: ParamSpec = None, mode: str = "eval", seed: int = 0,
+                       distributed: Optional[bool] = None) -> PerturbationCurve:
     """m-RWP Fig. A1: ``L(w + ε)`` at ``‖ε‖₂ = r`` for each radius ``r`` (default
     ``np.logspace(-3, 1, 9)``; with ``relative=True`` fractions of ``‖w‖₂``): the mean over
     ``samples`` uniformly random directions (RWP) and the L2 adversarial ascent's best point (AWP,
     ``steps`` steps of ``step_size``, default ``1.5r/steps``). The paper's reading: random
     perturbations need radii about two orders of magnitude larger for the same loss increase.
+    ``distributed`` as in :func:`corruption_robustness`.
     """
     given = radii
     try:
@@ -225,9 +230,9 @@ def perturbation_curve(model: nn.Module, loss_fn: LossFn, data: Any, radii: Opti
     check_int("samples", samples, 1)
     check_int("steps", steps, 1)
     if step_size is not None:
-        check_positive("step_size", step_size, allow_zero=False)
+        check_positive("step_size", step_size)
     check("relative", isinstance(relative, bool), relative, "True or False")
-    objective = Objective(model, loss_fn, data, params, mode, seed)
+    objective = Objective(model, loss_fn, data, params, mode, seed, distributed)
     gen = generator(objective.device, seed)
     w = objective.point()
     clean = objective.value()

@@ -18,7 +18,8 @@
 
 Random draws come from a ``torch.Generator`` seeded with ``seed`` (never the global RNG), and every
 evaluation substitutes parameter values through :class:`~.objective.Objective`, so the model is
-left as it was.
+left as it was. Under ``torch.distributed`` (``distributed``, :mod:`.objective`) every loss and
+gradient is reduced over the ranks' data: the values are those of one process on all of it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .._functional import _mul, ascent_direction, clone, dual_direction, global_norm, inverse, project, reduction_dtype
-from ..validation import check, check_int
+from ..validation import check, check_choice, check_int, check_nonnegative, check_positive
 from ..scale import Scale, group_norms
 from .objective import LossFn, Objective, ParamSpec, batch_size, is_batch
 
@@ -128,28 +129,19 @@ class MSharpness(Result):
 
 def check_ball_norm(norm: Any) -> float:
     """``2`` or ``'inf'`` (``math.inf``) as a float; ValueError otherwise."""
-    ok = norm in (2, "inf", math.inf) and not isinstance(norm, bool)
-    check("norm", ok, norm, "2 or 'inf'")
-    return float(norm)
+    return float(check_choice("norm", norm, (2, "inf", math.inf)))
 
 
 def norm_label(p: float) -> str:
     return "Linf" if p == math.inf else "L2"
 
 
-def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    check(name, ok, value, "a finite float >= 0" if allow_zero else "a finite float > 0")
-    return float(value)
-
-
 def _check_ascent(rho: Any, norm: Any, steps: Any, step_size: Any, init: Any) -> tuple[float, float, float]:
-    rho = check_positive("rho", rho)
+    rho = check_nonnegative("rho", rho)
     p = check_ball_norm(norm)
     check_int("steps", steps, 1)
     if step_size is not None:
-        check_positive("step_size", step_size, allow_zero=False)
+        check_positive("step_size", step_size)
     check("init", init in INITS, init, f"one of {', '.join(INITS)}")
     return rho, p, 1.5 * rho / steps if step_size is None else float(step_size)
 
@@ -157,7 +149,7 @@ def _check_ascent(rho: Any, norm: Any, steps: Any, step_size: Any, init: Any) ->
 def _check_ball_scale(scale: ScaleSpec, eta: Any) -> None:
     check("scale", scale is None or scale in BALL_SCALES or isinstance(scale, Scale), scale,
           f"None, one of {', '.join(BALL_SCALES)}, or a flatminima.scale.Scale")
-    check_positive("eta", eta)
+    check_nonnegative("eta", eta)
 
 
 # -- the machinery shared by sharpness, robustness and landscapes -----------------------------
@@ -274,7 +266,7 @@ def ascend(objective: Objective, rho: float, p: float, steps: int, step_size: fl
 def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Any, rho: float = 0.05, norm: Any = 2,
                          steps: int = 10, step_size: Optional[float] = None, scale: ScaleSpec = None,
                          eta: float = 0.01, init: str = "zero", params: ParamSpec = None, mode: str = "eval",
-                         seed: int = 0) -> Sharpness:
+                         seed: int = 0, distributed: Optional[bool] = None) -> Sharpness:
     """``max_{‖T⁻¹ε‖_p ≤ ρ} L(w+ε) − L(w)`` over all of ``data`` by ``steps`` projected ascent steps
     (module docstring).
 
@@ -283,12 +275,13 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Any, rho: floa
     raise ``steps`` or use ``step_size ≈ ρ`` (the update is then a power iteration on the sphere).
     ``scale``: None (``T = 1``), ``"element"`` (ASAM ``T = |w| + η``), ``"filter"`` (``‖w_i‖ + η``
     per output row) or a :class:`~flatminima.scale.Scale` (gradient-based scales use the clean
-    gradient). ``init``: ``"zero"`` (the training methods' start) or ``"random"``. Cost: ``steps``
+    gradient). ``init``: ``"zero"`` (the training methods' start) or ``"random"``. ``distributed``:
+    reduce over the ranks' data (None: when a process group is initialized). Cost: ``steps``
     forward+backward passes over ``data`` and one or two forward passes.
     """
     rho, p, step_size = _check_ascent(rho, norm, steps, step_size, init)
     _check_ball_scale(scale, eta)
-    objective = Objective(model, loss_fn, data, params, mode, seed)
+    objective = Objective(model, loss_fn, data, params, mode, seed, distributed)
     return _worst_case(objective, rho, p, steps, step_size, scale, float(eta), init,
                        generator(objective.device, seed))
 
@@ -319,7 +312,7 @@ def noise_scale(kind: str, point: Sequence[Tensor]) -> list[Optional[Tensor]]:
 
 def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Any, sigma: float = 0.01, samples: int = 10,
                       scale: str = "uniform", params: ParamSpec = None, mode: str = "eval",
-                      seed: int = 0) -> AverageSharpness:
+                      seed: int = 0, distributed: Optional[bool] = None) -> AverageSharpness:
     """``E_ε[L(w+ε)] − L(w)``, ``ε = σ·Z ⊙ S``, estimated from ``samples`` draws over all of ``data``,
     with its standard error ``std/√samples``.
 
@@ -328,10 +321,10 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Any, sigma: float
     ``"element"`` (``|w|``). On ``½xᵀAx`` with uniform noise the value is ``½σ²·tr(A)`` plus
     the first-order term, which vanishes in expectation. Cost: ``samples + 1`` forward passes.
     """
-    sigma = check_positive("sigma", sigma)
+    sigma = check_nonnegative("sigma", sigma)
     check_int("samples", samples, 1)
     check("scale", scale in NOISE_SCALES, scale, f"one of {', '.join(NOISE_SCALES)}")
-    objective = Objective(model, loss_fn, data, params, mode, seed)
+    objective = Objective(model, loss_fn, data, params, mode, seed, distributed)
     gen = generator(objective.device, seed)
     w = objective.point()
     S = noise_scale(scale, w)
@@ -374,25 +367,29 @@ def _chunks(data: Any, m: Optional[int]) -> Iterator[Any]:
 def m_sharpness(model: nn.Module, loss_fn: LossFn, data: Any, m: Optional[int] = None, rho: float = 0.05,
                 norm: Any = 2, steps: int = 10, step_size: Optional[float] = None, scale: ScaleSpec = None,
                 eta: float = 0.01, init: str = "zero", params: ParamSpec = None, mode: str = "eval",
-                seed: int = 0) -> MSharpness:
+                seed: int = 0, distributed: Optional[bool] = None) -> MSharpness:
     """m-sharpness (Foret et al. 2021): ``Σ_B |B|·S_ρ(w; B) / Σ_B |B|`` where ``S_ρ(w; B)`` is the
     worst-case sharpness (:func:`worst_case_sharpness`, same arguments) on batch ``B`` alone and
     the batches are those of ``data`` cut into ``m`` examples each (``m=None``: as given).
     Since a maximum of a mean is at most the mean of the maxima, the value is at least the
     worst-case sharpness on the same data (up to the ascent's accuracy); with one batch of all the
     data it is that sharpness. One generator seeded with ``seed`` serves the batches in order.
+    Distributed, each chunk stays a rank's own and the values of every rank are gathered in rank
+    order (with ``init="random"`` each rank's generator starts afresh).
     """
     rho, p, step_size = _check_ascent(rho, norm, steps, step_size, init)
     _check_ball_scale(scale, eta)
     if m is not None:
         check_int("m", m, 1)
+    whole = Objective(model, loss_fn, data, params, mode, seed, distributed)
     gen, values, sizes = None, [], []
     for chunk in _chunks(data, m):
-        objective = Objective(model, loss_fn, chunk, params, mode, seed)
+        objective = Objective(model, loss_fn, chunk, whole.params, mode, seed, distributed=False)
         gen = generator(objective.device, seed) if gen is None else gen
         values.append(_worst_case(objective, rho, p, steps, step_size, scale, float(eta), init, gen).sharpness)
         sizes.append(batch_size(chunk))
     check("data", bool(values), type(data).__name__, "a batch or a non-empty iterable of batches")
-    v, n = np.asarray(values), np.asarray(sizes)
+    rows = whole.gather(list(zip(values, sizes)))
+    v, n = np.asarray([r[0] for r in rows]), np.asarray([r[1] for r in rows])
     return MSharpness(sharpness=float((v * n).sum() / n.sum()), stderr=stderr(v), m=m, rho=rho, norm=norm_label(p),
                       steps=steps, values=v, sizes=n)

@@ -48,14 +48,15 @@ class ShiftTrial(Result):
 
 def shift_trial(model_a: nn.Module, model_b: Endpoint, loss_fn: LossFn, train_data: Any, test_data: Any,
                 ts: Optional[Sequence[float]] = None, params: ParamSpec = "all", buffers: str = "a",
-                mode: str = "eval", seed: int = 0) -> ShiftTrial:
+                mode: str = "eval", seed: int = 0, distributed: Optional[bool] = None) -> ShiftTrial:
     """GA-SAM Fig. 1 (module docstring): ``model_a`` is the training minimum ``θ``, ``model_b`` (a
     module or state dict) the test-fine-tuned minimum ``θ*``; ``ts`` default
     ``np.linspace(-0.5, 1.5, 21)``. ``params``/``buffers`` as in :func:`~.landscape.interpolate`.
-    Cost: three forward passes over the data per ``t``."""
+    ``distributed`` as in :func:`~.landscape.loss_landscape`. Cost: three forward passes over the
+    data per ``t``."""
     ts = _grid("ts", np.linspace(-0.5, 1.5, 21) if ts is None else ts)
-    train = Objective(model_a, loss_fn, train_data, params, mode, seed)
-    test = Objective(model_a, loss_fn, test_data, params, mode, seed)
+    train = Objective(model_a, loss_fn, train_data, params, mode, seed, distributed)
+    test = Objective(model_a, loss_fn, test_data, params, mode, seed, distributed)
     line = Line(model_a, train.params, model_b, buffers)
 
     def loss(objective: Objective, t: float) -> float:

@@ -22,8 +22,9 @@ gradient on the model's weights (which ZeRO-1/2 keep whole on every rank) before
 3. the descent gradient is handed to DeepSpeed through one backward of a zero-valued loss whose
    gradient is exactly it (:class:`_HandOver`), with ``scale_wrt_gas=False``; DeepSpeed then
    reduces (the values are equal on all ranks already, so its average changes nothing), clips to
-   ``gradient_clipping``, steps its optimizer on the fp32 master partitions, copies them back to the
-   weights and steps its LR scheduler;
+   ``gradient_clipping`` (with its own norm, accumulated in float64: it can differ from
+   ``clip_grad_norm_``'s in the last bit), steps its optimizer on the fp32 master partitions,
+   copies them back to the weights and steps its LR scheduler;
 4. the method's state is committed unless DeepSpeed skipped the step.
 
 Cost beyond DDP: one extra all-reduce of the trainable gradient per step (DeepSpeed's own
@@ -42,9 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import methods as _methods
+from .._extras import require
 from ..engine import TrainStep, _distributed
 from ..optim import FlatOptimizer, Pass
 from ..validation import check
+
+require("deepspeed", "deepspeed", "flatminima.integrations.deepspeed")  # a clear error without the extra
 
 #: Elements per all-reduce bucket when passes are averaged over ranks (as DDP's 25 MB buckets).
 BUCKET_ELEMENTS = 1 << 23

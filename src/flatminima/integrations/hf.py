@@ -43,43 +43,78 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
-from transformers import Trainer, TrainerCallback
 
-from .. import methods as _methods
-from ..engine import TrainStep
-from ..optim import FlatOptimizer
-from ..validation import check
+from .._extras import require
+
+_transformers = require("transformers", "hf", "flatminima.integrations.hf")
+require("accelerate", "hf", "flatminima.integrations.hf")  # the Trainer's own requirement
+
+from .. import methods as _methods  # noqa: E402
+from ..engine import TrainStep  # noqa: E402
+from ..optim import FlatOptimizer  # noqa: E402
+from ..validation import check, check_choice, check_int  # noqa: E402
+from .accelerate import _flat  # noqa: E402
+
+Trainer, TrainerCallback = _transformers.Trainer, _transformers.TrainerCallback
+
+ACCUMULATIONS, BN_POLICIES = ("last", "full"), ("clean", "all", "frozen")
+
+
+def _hyperparameters(value: Any) -> dict[str, Any]:
+    """``flat_hyperparameters`` as a dict: a dict (copied), its JSON text (an object), or None ({})."""
+    if value is None:
+        return {}
+    given = value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            check("flat_hyperparameters", False, given, f"a JSON object: {exc}")
+    check("flat_hyperparameters", isinstance(value, dict), given, "a dict or a JSON object of the method's keyword arguments")
+    return dict(value)
+
+
+def _check_method(method: Any, hyper: dict[str, Any], accumulation: Any, bn: Any) -> str:
+    """Validate the four settings; returns the method's registry name."""
+    name = _methods.get(method).method_name  # ValueError naming the accepted methods
+    known = set(_methods.hyperparameters(name))
+    unknown = sorted(set(hyper) - known - {"model"})
+    check("flat_hyperparameters", not unknown, unknown, f"keys among {', '.join(sorted(known))}")
+    check_choice("flat_accumulation", accumulation, ACCUMULATIONS)
+    check_choice("flat_bn", bn, BN_POLICIES)
+    return name
+
 
 @dataclasses.dataclass
 class FlatMinimaArguments:
-    """The method as command-line / config fields (``HfArgumentParser`` reads this dataclass beside
-    ``TrainingArguments``); ``flat_hyperparameters`` may be a dict or its JSON text."""
+    """The method as command-line / config fields: ``HfArgumentParser((TrainingArguments,
+    FlatMinimaArguments))`` reads them (``--flat_method mrwp --flat_hyperparameters '{"sigma": 0.02}'
+    --flat_accumulation full --flat_bn frozen``); pass ``**args.kwargs()`` to the Trainer.
 
-    flat_method: str = "sam"
-    flat_hyperparameters: Union[str, dict] = "{}"
-    flat_accumulation: str = "last"
-    flat_bn: str = "clean"
+    ``flat_hyperparameters``: a dict, its JSON text, or None (no hyperparameters); typed ``dict | str
+    | None`` like ``TrainingArguments``' dict fields, so the parser hands it over as text (a bare
+    ``dict`` type would make argparse call ``dict('{}')``) and ``__post_init__`` makes it a dict. Every
+    field is checked when the dataclass is built (``ValueError`` naming it)."""
+
+    flat_method: str = dataclasses.field(default="sam", metadata={"help": "a flatminima method (fm.available())"})
+    flat_hyperparameters: Optional[Union[dict, str]] = dataclasses.field(
+        default=None, metadata={"help": 'the method\'s keyword arguments as a JSON object, e.g. \'{"rho": 0.05}\''})
+    flat_accumulation: Literal["last", "full"] = dataclasses.field(
+        default="last", metadata={"help": "perturbed pass on the window's last micro-batch, or on all of them"})
+    flat_bn: Literal["clean", "all", "frozen"] = dataclasses.field(
+        default="clean", metadata={"help": "which passes update BatchNorm running statistics"})
+
+    def __post_init__(self) -> None:
+        self.flat_hyperparameters = _hyperparameters(self.flat_hyperparameters)
+        _check_method(self.flat_method, self.flat_hyperparameters, self.flat_accumulation, self.flat_bn)
 
     def kwargs(self) -> dict[str, Any]:
-        hyper = self.flat_hyperparameters
-        if isinstance(hyper, str):
-            try:
-                hyper = json.loads(hyper)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"Invalid flat_hyperparameters: {self.flat_hyperparameters!r} "
-                                 f"(expected a JSON object: {exc})") from None
-        return {"flat_method": self.flat_method, "flat_hyperparameters": hyper,
+        """The Trainer's keyword arguments (``FlatMinimaTrainer(..., **args.kwargs())``)."""
+        return {"flat_method": self.flat_method, "flat_hyperparameters": dict(self.flat_hyperparameters),
                 "flat_accumulation": self.flat_accumulation, "flat_bn": self.flat_bn}
-
-
-def _flat(optimizer: Any) -> Optional[FlatOptimizer]:
-    """The flatminima optimizer inside the Trainer's (possibly accelerate-wrapped) optimizer."""
-    while optimizer is not None and not isinstance(optimizer, FlatOptimizer):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
 
 
 class FlatMinimaCallback(TrainerCallback):
@@ -109,21 +144,15 @@ class FlatMinimaMixin:
 
     def __init__(self, *args, flat_method: str = "sam", flat_hyperparameters: Optional[dict] = None,
                  flat_accumulation: str = "last", flat_bn: str = "clean", **kwargs):
-        method = _methods.get(flat_method)  # ValueError naming the accepted methods
-        hyper = dict(flat_hyperparameters or {})
-        known = set(_methods.hyperparameters(flat_method))
-        unknown = sorted(set(hyper) - known - {"model"})
-        check("flat_hyperparameters", not unknown, unknown, f"keys among {', '.join(sorted(known))}")
-        check("flat_accumulation", flat_accumulation in ("last", "full"), flat_accumulation, "'last' or 'full'")
-        check("flat_bn", flat_bn in ("clean", "all", "frozen"), flat_bn, "'clean', 'all' or 'frozen'")
+        hyper = _hyperparameters(flat_hyperparameters)
+        name = _check_method(flat_method, hyper, flat_accumulation, flat_bn)
         super().__init__(*args, **kwargs)
-        check("gradient_accumulation_steps", self.args.gradient_accumulation_steps >= 1,
-              self.args.gradient_accumulation_steps, "an int >= 1")
+        check_int("gradient_accumulation_steps", self.args.gradient_accumulation_steps, 1)
         check("fsdp", not self.is_fsdp_enabled, "enabled",
               "off: under the Trainer use DDP or DeepSpeed ZeRO-1/2; for FSDP2 shard the model with "
               "torch.distributed.fsdp.fully_shard in a loop of your own and use flatminima.TrainStep "
               "(examples/torchrun_ddp.py --fsdp)")
-        self.flat_method, self.flat_hyperparameters = method.method_name, hyper
+        self.flat_method, self.flat_hyperparameters = name, hyper
         self.flat_accumulation, self.flat_bn = flat_accumulation, flat_bn
         self._flat_window: list[Any] = []
         self._flat_deepspeed: Any = None  # the DeepSpeedStep, built on the first window

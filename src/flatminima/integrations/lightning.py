@@ -31,6 +31,13 @@ plugin's ``GradScaler`` and unscaled right after it, and the descent gradient is
 so Lightning's own unscale, clipping and overflow skip run as usual). Strategies: single device, ``"ddp"`` and
 ``"ddp_spawn"`` (passes that only feed a per-rank perturbation run without gradient sync; the
 descent pass syncs once).
+
+A plain ``LightningModule`` returning a flatminima optimizer from ``configure_optimizers``
+(automatic optimization) works with ``accumulate_grad_batches=1``: Lightning's closure (training
+step and backward) is re-run for each of the method's passes, equal to ``opt.step(closure)``. With
+``accumulate_grad_batches > 1`` (Lightning would run the accumulating micro-batches outside the
+method) and under ``"16-mixed"`` (its plugin runs the closure once) the first step refuses, before
+any weight moves, naming this module's ``accumulate=`` (:mod:`flatminima._framework_loops`).
 """
 
 from __future__ import annotations
@@ -38,14 +45,16 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 from .. import methods as _methods
+from .._extras import require
 from ..engine import TrainStep
 from ..optim import FlatOptimizer
-from ..validation import check, check_int
+from ..validation import check, check_bool, check_int
+
+pl = require("lightning.pytorch", "lightning", "flatminima.integrations.lightning")
 
 
 class FlatMinimaModule(pl.LightningModule):
@@ -67,7 +76,7 @@ class FlatMinimaModule(pl.LightningModule):
                  max_grad_norm: Optional[float] = None, log_statistics: bool = False, **hyperparameters: Any):
         super().__init__()
         check_int("accumulate", accumulate, 1)
-        check("log_statistics", isinstance(log_statistics, bool), log_statistics, "True or False")
+        check_bool("log_statistics", log_statistics)
         name = _methods.get(method).method_name  # raises on an unknown name
         accepted = _methods.hyperparameters(name)
         for key in hyperparameters:
