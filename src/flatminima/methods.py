@@ -12,12 +12,13 @@ from __future__ import annotations
 import inspect
 import math
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .optim import Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise, RandomSearch, RankSplit, closure_accepts
+from .optim import (Adversarial, FlatOptimizer, LookSAMGradient, MeanGradient, MixGradient, RandomNoise, RandomSearch,
+                    RankSplit, closure_accepts, tensor_predicate)
 from . import _functional as F
 from .validation import (check, check_bool, check_choice, check_fraction, check_int, check_nonnegative, check_norm,
                          check_positive, check_range, check_real, is_real)
@@ -82,22 +83,6 @@ def _below_one(name: str, value: Any) -> float:
     return check_range(name, value, 0.0, 1.0, high_open=True)
 
 
-def _tensor_predicate(name: str, spec: Any) -> Optional[Callable[[Tensor], bool]]:
-    """``None``, a module, a predicate of a tensor or an iterable of tensors, as a predicate."""
-    if spec is None:
-        return None
-    if isinstance(spec, torch.nn.Module):
-        ids = {id(p) for p in spec.parameters()}
-    elif callable(spec):
-        return spec
-    else:
-        items = list(spec) if isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Tensor)) else None
-        check(name, items is not None and all(isinstance(t, Tensor) for t in items), type(spec).__name__,
-              "None, a module, a predicate of a tensor or an iterable of parameters")
-        ids = {id(p) for p in items}
-    return lambda p: id(p) in ids
-
-
 @register("base", "none", "sgd")
 class Base(FlatOptimizer):
     """The base optimizer alone, through the same shell (the reference the methods reduce to)."""
@@ -144,7 +129,7 @@ class ASAM(FlatOptimizer):
                  norm: Union[float, str] = 2, normalization: str = "global", unscaled=None, **common):
         check_choice("granularity", granularity, ("element", "filter"))
         p = check_norm("norm", norm)
-        scale = Scale("w", granularity, eta, unit=_tensor_predicate("unscaled", unscaled))
+        scale = Scale("w", granularity, eta, unit=tensor_predicate("unscaled", unscaled))
         super().__init__(base, perturbation=Adversarial(norm=p, scale=scale, per_tensor=_per_tensor(normalization)),
                          strength=rho, **common)
 

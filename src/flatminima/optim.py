@@ -562,11 +562,9 @@ def params_by_name(model: torch.nn.Module, include: Optional[str] = None, exclud
     return chosen
 
 
-_SCOPE_KINDS = "None, an nn.Module, an iterable of parameters, or a callable parameter -> bool"
-
-
-def _scope_predicate(scope: ScopeSpec) -> Optional[Callable[[Tensor], bool]]:
-    """``scope`` as a predicate on parameters (None: every parameter)."""
+def tensor_predicate(name: str, scope: ScopeSpec) -> Optional[Callable[[Tensor], bool]]:
+    """A tensor set given as None (every tensor), an ``nn.Module`` (its parameters), an iterable of
+    parameters or a predicate, as a predicate on tensors; anything else is refused naming ``name``."""
     if scope is None:
         return None
     if callable(scope) and not isinstance(scope, torch.nn.Module):
@@ -576,8 +574,8 @@ def _scope_predicate(scope: ScopeSpec) -> Optional[Callable[[Tensor], bool]]:
     # A string is an iterable of characters, a tensor one of rows: neither lists parameters.
     ok = isinstance(scope, Iterable) and not isinstance(scope, (str, bytes, Tensor))
     items = list(scope) if ok else []
-    check("scope", ok and all(isinstance(p, Tensor) for p in items), scope if not ok else type(scope).__name__,
-          _SCOPE_KINDS)
+    check(name, ok and all(isinstance(p, Tensor) for p in items), scope if not ok else type(scope).__name__,
+          "None, an nn.Module, an iterable of parameters, or a callable parameter -> bool")
     ids = {id(p) for p in items}
     return lambda p: id(p) in ids
 
@@ -622,7 +620,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         check("ascent_weight_decay", isinstance(ascent_weight_decay, bool), ascent_weight_decay, "True or False")
         check("sync_perturbation", isinstance(sync_perturbation, bool), sync_perturbation, "True or False")
         sched = strength_schedule(schedule, total_steps)
-        predicate = _scope_predicate(scope)
+        predicate = tensor_predicate("scope", scope)
         if predicate is not None:
             matched = any(predicate(p) for g in base.param_groups for p in g["params"])
             check("scope", matched, scope if isinstance(scope, str) else type(scope).__name__,
