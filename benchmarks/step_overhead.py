@@ -60,6 +60,7 @@ NOMINAL = {
     "base": "1", "sam": "2", "asam": "2", "layersam": "2", "ssam": "2", NAIVE: "2",
     "gasam": "K+1", "multistepsam": "K+1", "looksam": "1+1/k", "stochasticsam": "1+p",
     "aesam": "1 to 2", "randomsearchsam": "1 + (c+1) fwd",
+    "gsam": "2", "wsam": "2", "friendlysam": "2", "vasso": "2", "fishersam": "2", "gam": "4", "cflat": "4",
 }
 
 

@@ -31,6 +31,9 @@ fetch_vader() { .venv/bin/python -c "from flatminima.data import find_vader_arch
 
 if [ "$target" = dev ]; then
   "${pip[@]}" "${constraints[@]}" -e ".[dev]"
+  # INFTY's optimizers, a reference the tests compare with: --no-deps, since the wheel declares torchvision,
+  # seaborn and scipy, which infty.optim never imports (a CUDA torchvision would also pull a second torch).
+  "${pip[@]}" --no-deps "infty==0.1.2"
   fetch_vader || { echo "error: could not fetch the VADER archive, which the tests need (see above)" >&2; exit 1; }
   # The HTML report's browser test drives Debian's headless Chromium (~120 MB of .debs, about 10-25 s
   # with recommends left out); without it (or without root) that one test is skipped.

@@ -26,6 +26,6 @@ def _no_installed_fashion_mnist(tmp_path_factory):
     from flatminima import data
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "FASHION_PACKAGE_DIR", tmp_path_factory.mktemp("no-fashion-package"))
+        patch.setattr(data.images, "FASHION_PACKAGE_DIR", tmp_path_factory.mktemp("no-fashion-package"))
         patch.delenv(data.FASHION_ENV, raising=False)
         yield

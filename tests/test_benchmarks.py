@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -125,3 +127,14 @@ def test_hessian_benchmark_quick_prints_its_table(tmp_path):
     bench.main(["--quick", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert "lanczos" in json.dumps(saved) and "pyhessian-power" in json.dumps(saved)
+
+
+def test_gpu_check_dry_run_names_only_files_that_exist():
+    """The prepared GPU run prints its commands without running them, and every script it names exists."""
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("tests/test_cuda.py" in x for x in lines) and any("step_overhead.py --device cuda" in x for x in lines)
+    paths = {p for x in lines for p in re.findall(r"[\w/]+\.(?:py|sh)", x)}
+    assert paths and all((BENCH.parent / p).exists() for p in paths), paths

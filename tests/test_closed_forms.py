@@ -306,7 +306,7 @@ def test_ssam_random_mask_keeps_sparsity_and_moves():
     masks = []
     for _ in range(4):
         opt.step(model.closure())
-        masks.append(torch.cat([opt.method_state[p]["ssam_mask"].flatten() for p in (model.W, model.b)]))
+        masks.append(torch.cat([opt.method_state[p]["ssam.mask"].flatten() for p in (model.W, model.b)]))
     assert all(int(m.sum()) == 4 for m in masks)
     assert any(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))
 

@@ -126,9 +126,10 @@ def no_data(monkeypatch):
 
     import sklearn.datasets
 
-    for name in ("find_fashion_mnist", "find_vader_archive", "fetch_vader", "vader_sentences", "minilm_path",
-                 "_prepared"):
-        monkeypatch.setattr(data, name, looked)
+    for module, name in ((data.images, "find_fashion_mnist"), (data.text, "find_vader_archive"),
+                         (data.text, "fetch_vader"), (data.text, "vader_sentences"), (data.text, "minilm_path"),
+                         (data.images, "_prepared")):
+        monkeypatch.setattr(module, name, looked)
     for name in ("load_fashion_mnist", "load_vader", "load_digits", "pixel_permutations"):
         monkeypatch.setattr(ct, name, looked)
     monkeypatch.setattr(sklearn.datasets, "load_digits", looked)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import flatminima as fm
-from flatminima import _triton
+from flatminima.lora import triton as _triton
 from flatminima.lora import frozen_layers, lora_layers, noisy_weight, row_scale
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -107,7 +107,10 @@ def _backward(loss):
 
 
 @pytest.mark.parametrize("method,kwargs", [("base", {}), ("sam", {"rho": 0.1}), ("asam", {"rho": 0.5}),
-                                           ("gasam", {"epsilon": 0.05, "steps": 2}), ("looksam", {"rho": 0.1, "k": 2})])
+                                           ("gasam", {"epsilon": 0.05, "steps": 2}), ("looksam", {"rho": 0.1, "k": 2}),
+                                           ("gsam", {"rho": 0.1}), ("wsam", {"rho": 0.1}), ("vasso", {"rho": 0.1}),
+                                           ("friendlysam", {"rho": 0.1}), ("fishersam", {"rho": 0.1}),
+                                           ("gam", {"rho": 0.1}), ("cflat", {"rho": 0.1, "strategy": "plus"})])
 def test_cpu_and_cuda_take_the_same_steps_in_float64(method, kwargs):
     """The deterministic methods take the same steps on both devices, to float64 rounding (random
     methods draw from per-device generators, so their noise differs by design)."""

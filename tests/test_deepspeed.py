@@ -68,6 +68,29 @@ def test_bad_engines_are_refused_with_the_setting_named(engine, match):
         DeepSpeedStep(engine, "sam", lambda m, b: m(b).sum())
 
 
+class _Zero:
+    """Just enough of a ZeRO-1/2 optimizer for DeepSpeedStep to build its method."""
+
+    def __init__(self, module):
+        self.bit16_groups = [list(module.parameters())]
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("hyper", [{}, {"decouple": True}])
+def test_decoupled_wsam_is_refused_before_anything_moves(hyper):
+    """Decoupled WSAM writes the weights after the base step; DeepSpeed's next step copies its fp32
+    master weights over them, so that write would be lost: refused, naming the way out."""
+    engine = _Engine()
+    engine.optimizer = _Zero(engine.module)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    with pytest.raises(ValueError, match=r"Invalid method: 'wsam' with DecoupledSharpness.*decouple=False"):
+        DeepSpeedStep(engine, "wsam", lambda m, b: m(b).sum(), **hyper)
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    assert all(p.grad is None for p in engine.module.parameters())
+    step = DeepSpeedStep(engine, "wsam", lambda m, b: m(b).sum(), decouple=False)  # the coupled form is fine
+    assert not step.optimizer.combination.writes_weights_after_step
+
+
 def test_hand_over_gives_each_parameter_exactly_its_gradient_times_the_loss_scale():
     a, b = torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)
     ga, gb = torch.randn(3, 4), torch.randn(5)

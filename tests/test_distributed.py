@@ -86,7 +86,15 @@ def make_method(name: str, params, sync: bool) -> fm.FlatOptimizer:
         return fm.GASAM(base, epsilon=RHO, steps=1, sync_perturbation=sync)
     if name == "random_search":
         return fm.RandomSearchSAM(base, rho=RHO, candidates=3, sync_perturbation=sync)
+    if name in NEW_METHODS:
+        return fm.create(name, base, rho=RHO, sync_perturbation=sync, **NEW_METHODS[name])
     raise ValueError(name)
+
+
+# The methods added with the ascent-direction and post-step axes, with shared ε: the EMA state, GSAM's
+# projection, WSAM's post-step update and GAM/C-Flat's four passes all see the global gradients.
+NEW_METHODS = {"gsam": {}, "wsam": {}, "vasso": {"theta": 0.5}, "friendlysam": {"lmbda": 0.6}, "fishersam": {},
+               "gam": {}, "cflat": {}}
 
 
 # name: (method, sync_perturbation, accumulation, micro-batches per step)
@@ -103,6 +111,7 @@ SCENARIOS = {
     "sam_sync_bucket_view": ("sam", True, "last", 2),
     "sam_local_bucket_view": ("sam", False, "full", 2),
     "random_search_sync": ("random_search", True, "last", 1),
+    **{f"{m}_sync": (m, True, "last", 2) for m in NEW_METHODS},
 }
 BUCKET_VIEW = {"sam_sync_bucket_view", "sam_local_bucket_view"}
 
@@ -302,7 +311,7 @@ def _ranks_agree(ranks, name):
 
 
 @pytest.mark.parametrize("name", ["sam_sync", "sam_sync_last_2", "sam_sync_full_2", "gasam_sync", "gasam_local",
-                                  "sam_sync_bucket_view"])
+                                  "sam_sync_bucket_view", *(f"{m}_sync" for m in NEW_METHODS)])
 def test_synced_perturbation_matches_one_process_on_the_concatenated_batch(ranks, name):
     _ranks_agree(ranks, name)
     weights, losses = single_process(name)

@@ -79,7 +79,20 @@ METHODS = {
     "looksam_k1": lambda b: fm.LookSAM(b, rho=RHO, k=1, alpha=0.5),
     "stochastic": lambda b: fm.StochasticSAM(b, rho=RHO, p=0.5, seed=3),
     "random_search": lambda b: fm.RandomSearchSAM(b, rho=RHO, candidates=3),
+    "gsam": lambda b: fm.GSAM(b, rho=RHO, alpha=0.4),
+    "wsam": lambda b: fm.WSAM(b, rho=RHO, gamma=0.8),
+    "wsam_coupled": lambda b: fm.WSAM(b, rho=RHO, gamma=0.8, decouple=False),
+    "vasso": lambda b: fm.VaSSO(b, rho=RHO, theta=0.4),
+    "friendlysam": lambda b: fm.FriendlySAM(b, rho=RHO, sigma=0.7, lmbda=0.6),
+    "fishersam": lambda b: fm.FisherSAM(b, rho=RHO, eta=0.5),
+    "gam": lambda b: fm.GAM(b, rho=RHO, norm_rho=0.05),
+    "cflat": lambda b: fm.CFlat(b, rho=RHO, lamb=0.3),
+    "cflat_plus": lambda b: fm.CFlat(b, rho=RHO, lamb=0.3, strategy="plus", A=2.0, k=1.0, t0=2.0),
 }
+
+
+# The methods added with the ascent-direction and post-step axes: every TrainStep guarantee holds for them.
+NEW_METHODS = ["gsam", "wsam", "wsam_coupled", "vasso", "friendlysam", "fishersam", "gam", "cflat", "cflat_plus"]
 
 
 def build(method: str = "sam", *, momentum: float = 0.9, lr: float = LR, seed: int = 0, **net):
@@ -183,7 +196,7 @@ def gasam_k1_eps(g: dict, eps: float) -> dict:
 @pytest.mark.parametrize("accumulation", ["last", "full"])
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("method", ["base", "sam", "sam_inf", "gasam_k1", "gasam_k2", "looksam", "stochastic",
-                                    "random_search"])
+                                    "random_search", *NEW_METHODS])
 def test_accumulating_copies_of_one_batch_is_the_single_batch_step(method, n, accumulation):
     m1, o1 = build(method)
     m2, o2 = build(method)
@@ -511,6 +524,7 @@ def test_real_fp16_overflow_at_the_default_scale_skips_until_the_scale_fits():
     ("gasam_k1", "perturbed"), ("gasam_k2", "perturbed"), ("looksam_k1", "clean"), ("looksam_k1", "perturbed"),
     ("looksam", "clean"),  # step 1 of LookSAM k=2 is a reuse step: the clean pass only
     ("random_search", "perturbed"),
+    *[(m, where) for m in NEW_METHODS for where in ("clean", "perturbed")], ("gam", "last"), ("cflat", "last"),
 ])
 def test_inf_gradient_skips_the_whole_step(method, where, autocast):
     model, opt = build(method, dtype=torch.float32, bn=True)
@@ -520,7 +534,7 @@ def test_inf_gradient_skips_the_whole_step(method, where, autocast):
     assert step([batch(0, dtype=torch.float32)]).skipped is False  # momentum buffer, g_v exist now
 
     params, state, count = clone_params(model), copy.deepcopy(opt.state_dict()), opt.step_count
-    passes = {"clean": 0, "perturbed": {"random_search": 4}.get(method, 1)}
+    passes = {"clean": 0, "perturbed": {"random_search": 4}.get(method, 1), "last": 3}
     inj.arm(passes[where])
     result = step([batch(1, dtype=torch.float32)])
     assert inj.calls > passes[where]  # the injection happened
@@ -660,7 +674,7 @@ def replay(model: nn.Module, tape: Tape, which: str, n: int) -> list[torch.Tenso
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("accumulation,n", [("last", 1), ("last", 3), ("full", 2)])
 @pytest.mark.parametrize("bn", ["clean", "all", "frozen"])
-@pytest.mark.parametrize("method", ["sam", "gasam_k2", "random_search"])
+@pytest.mark.parametrize("method", ["sam", "gasam_k2", "random_search", "vasso", "wsam", "gam"])
 def test_batchnorm_statistics(method, bn, accumulation, n, momentum):
     model, opt = build(method, bn=True, bn_momentum=momentum)
     reference = copy.deepcopy(model)

@@ -81,7 +81,7 @@ def test_fashion_loader_reads_root_and_caches_prepared_tensors(tmp_path, monkeyp
 
 def test_fashion_loader_env_var_and_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "FASHION_PACKAGE_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(data.images, "FASHION_PACKAGE_DIR", tmp_path / "no-package")
     monkeypatch.setenv(data.FASHION_ENV, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*torchvision"):
         data.load_fashion_mnist(fetch=False)
@@ -104,7 +104,7 @@ def test_fashion_loader_fills_cache_with_apt_get_download(tmp_path, monkeypatch)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(data.FASHION_ENV, raising=False)
-    monkeypatch.setattr(data, "FASHION_PACKAGE_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(data.images, "FASHION_PACKAGE_DIR", tmp_path / "no-package")
     ds = data.load_fashion_mnist()
     assert ds.source == str(tmp_path / "cache" / "flatminima" / "fashion-mnist") and ds.x_train.shape[0] == 6
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from flatminima import _functional as F
-from flatminima import _reference as R
-from flatminima.scale import Scale
+from flatminima.core import kernels as F
+from flatminima.core import reference as R
+from flatminima.core.scale import Scale
 
 TOL = dict(rtol=1e-12, atol=1e-14)
 

@@ -380,7 +380,7 @@ def test_no_noisy_weight_lives_between_forward_and_backward(monkeypatch):
     import gc
     import weakref
 
-    import flatminima.lora as lora_module
+    import flatminima.lora.noise as lora_module
     made = []
     real = lora_module.noisy_weight
 

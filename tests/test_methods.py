@@ -28,6 +28,13 @@ CASES = {
     "rwp": {"sigma": 0.05, "fisher_eta": 1.0},
     "mrwp": {"sigma": 0.05},
     "lpfsgd": {"sigma": 0.05, "samples": 3},
+    "gsam": {"rho": 0.05, "alpha": 0.4},
+    "wsam": {"rho": 0.05, "gamma": 0.9},
+    "friendlysam": {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
+    "vasso": {"rho": 0.05, "theta": 0.9},
+    "fishersam": {"rho": 0.05, "eta": 1.0},
+    "gam": {"rho": 0.05, "norm_rho": 0.02},
+    "cflat": {"rho": 0.05, "lamb": 0.2},
 }
 NAMES = sorted(CASES)
 STRENGTH = {"gasam": "epsilon", "multistepsam": "epsilon", "rwp": "sigma", "mrwp": "sigma", "lpfsgd": "sigma"}
@@ -83,8 +90,10 @@ def test_zero_strength_is_the_base_optimizer_bit_for_bit(name, make_base):
     hp = dict(CASES[name])
     if name != "base":
         hp[strength_key(name)] = 0.0
-    if name == "looksam":
-        hp["alpha"] = 0.0  # LookSAM's reuse term is normalized: it vanishes only with α = 0
+    if name in ("looksam", "gsam"):
+        hp["alpha"] = 0.0  # LookSAM's reuse term and GSAM's g⊥ are normalized: they vanish only with α = 0
+    if name == "gam":
+        hp.update(grad_beta_3=0.0, grad_gamma=0.0)  # GAM descends g₁ + g₃ − γ·(…): the base step only so
     if "steps" in hp:
         hp["steps"] = 1  # the mean of K + 1 > 2 equal gradients is g only up to rounding
     if "samples" in hp:
@@ -452,7 +461,7 @@ def test_ssam_fisher_mask_keeps_exactly_ceil_entries_under_zero_gradient_ties():
     model = Ties()
     opt = fm.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.7, interval=1)
     opt.step(model.closure())
-    mask = torch.cat([opt.method_state[p]["ssam_mask"].flatten() for p in (model.a, model.b)])
+    mask = torch.cat([opt.method_state[p]["ssam.mask"].flatten() for p in (model.a, model.b)])
     # n = 20, keep 6: the 4 nonzero entries (a[0:3], b[0]), then a[3], a[4]
     assert mask.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 12]
     assert [fm.methods.keep_count(s, n) for s, n in ((0.7, 10), (0.5, 5), (0.0, 7), (0.999, 10))] == [3, 3, 7, 1]
@@ -514,3 +523,40 @@ def test_asam_unscaled_is_the_official_rule_for_tensors_not_named_weight():
         torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="Invalid unscaled"):
         fm.ASAM(torch.optim.SGD(net.parameters(), lr=lr), unscaled=5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_tensor_ops_equal_the_foreach_kernels(name):
+    """``foreach=False`` runs every list op tensor by tensor: the same steps (float64, to rounding),
+    and the switch does not outlive the optimizer's own steps."""
+    from flatminima.core import foreach
+
+    nets = [Net(torch.float64), Net(torch.float64)]
+    opts = [fm.create(name, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), foreach=flag, **CASES[name])
+            for net, flag in zip(nets, (True, False))]
+    for _ in range(4):
+        for net, opt in zip(nets, opts):
+            opt.step(net.closure())
+            assert foreach._ENABLED.get() is True
+    for a, b in zip(snapshot(nets[0].net), snapshot(nets[1].net)):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
+
+
+def test_foreach_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="foreach"):
+        fm.SAM(torch.optim.SGD(Net().parameters(), lr=0.1), foreach="yes")
+
+
+def test_unregister_removes_a_method_and_its_aliases():
+    @fm.register("tmp-sam", "tmp-alias")
+    class TmpSAM(fm.SAM):
+        pass
+
+    assert fm.get("tmp_alias") is TmpSAM and "tmp-sam" in fm.available()
+    assert fm.unregister("TMP-ALIAS") is TmpSAM
+    assert "tmp-sam" not in fm.available()
+    for name in ("tmp-sam", "tmp-alias"):
+        with pytest.raises(ValueError, match="Invalid method name"):
+            fm.get(name)
+    with pytest.raises(ValueError, match="Invalid method name: 'tmp-sam'"):
+        fm.unregister("tmp-sam")

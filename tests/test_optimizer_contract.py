@@ -162,7 +162,7 @@ def test_state_dict_is_torch_layout_with_the_method_state_nested():
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups", "flatminima"}
     assert sd["flatminima"]["method"] == "looksam" and sd["flatminima"]["step"] == 2
-    assert set(sd["flatminima"]["state"]) == {0, 1} and "looksam_gv" in sd["flatminima"]["state"][0]
+    assert set(sd["flatminima"]["state"]) == {0, 1} and "looksam.gv" in sd["flatminima"]["state"][0]
     # A plain torch optimizer of the base's type loads it (extra keys are ignored).
     plain = torch.optim.SGD(Quadratic().parameters(), lr=0.5, momentum=0.9)
     plain.load_state_dict(sd)
@@ -204,6 +204,28 @@ def test_old_layout_checkpoints_still_load():
     opt.step(model.closure())
     opt2.step(model2.closure())
     assert bit_equal(params_of(model2), params_of(model)) and opt2.step_count == 3
+
+
+@pytest.mark.parametrize("name,hp,old,new", [
+    ("looksam", dict(k=2), "looksam_gv", "looksam.gv"), ("ssam", dict(interval=1), "ssam_mask", "ssam.mask"),
+    ("rwp", dict(fisher_eta=0.5, sigma=0.01), "fisher", "noise.fisher")])
+def test_checkpoints_with_the_earlier_state_keys_resume_bit_identically(name, hp, old, new):
+    """Before each component kept its state under a namespace, LookSAM's direction, SSAM's mask and
+    RWP's Fisher EMA were stored as "looksam_gv", "ssam_mask" and "fisher": such checkpoints still
+    resume exactly (the state is renamed on load, not silently dropped)."""
+    model, opt = trained(name, **hp)
+    sd = copy.deepcopy(opt.state_dict())
+    assert all(set(s) == {new} for s in sd["flatminima"]["state"].values()) and sd["flatminima"]["state"]
+    sd["flatminima"]["state"] = {i: {old: s[new]} for i, s in sd["flatminima"]["state"].items()}
+    model2 = Quadratic()
+    model2.load_state_dict(model.state_dict())
+    opt2 = fm.create(name, torch.optim.SGD(model2.parameters(), lr=LR, momentum=0.9), **hp)
+    opt2.load_state_dict(sd)
+    assert all(set(opt2.method_state[p]) == {new} for p in model2.parameters())
+    for _ in range(2):
+        opt.step(model.closure())
+        opt2.step(model2.closure())
+    assert bit_equal(params_of(model2), params_of(model)) and opt2.step_count == opt.step_count == 4
 
 
 def test_plain_checkpoint_loads_with_method_state_fresh_and_strength_kept():

@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 import flatminima as fm
 from helpers import count_allreduces, spawn_ranks
-from flatminima.schedules import derive_seed
+from flatminima.core.schedules import derive_seed
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")

@@ -86,7 +86,7 @@ def test_fisher_damping():
     eps1 = hand_noise(opt, model, "filter", fisher, eta=2.0)
     opt.step(model.closure())
     torch.testing.assert_close(model.flat().detach(), x1 - LR * A @ (x1 + eps1), **TOL)
-    torch.testing.assert_close(opt.method_state[model.W]["fisher"].flatten(), 0.9 * fisher[0].flatten()
+    torch.testing.assert_close(opt.method_state[model.W]["noise.fisher"].flatten(), 0.9 * fisher[0].flatten()
                                + 0.1 * (A @ (x1 + eps1))[:6] ** 2, **TOL)
 
 
@@ -314,7 +314,7 @@ def test_noise_statistics_match_the_scale(noise):
 def test_fisher_damping_lowers_noise_where_fisher_is_large():
     param = nn.Parameter(torch.ones(2, 500, dtype=torch.float64))
     opt = fm.RWP(torch.optim.SGD([param], lr=0.0), sigma=SIGMA, noise="uniform", fisher_eta=1.0)
-    opt.method_state[param]["fisher"] = torch.cat([torch.zeros(1, 500), torch.full((1, 500), 99.0)]).double()
+    opt.method_state[param]["noise.fisher"] = torch.cat([torch.zeros(1, 500), torch.full((1, 500), 99.0)]).double()
     eps = next(opt.perturbation.noise(opt, [param], [0]))
     small, large = eps[0].std(), eps[1].std()
     assert abs(small / SIGMA - 1) < 0.1 and abs(large / (SIGMA / 10) - 1) < 0.1  # S/√(1 + η·F)

@@ -64,6 +64,26 @@ def test_rwp_statistics_have_no_clean_pass_and_the_noise_norm():
     torch.testing.assert_close(stats["perturbed_loss"], 0.5 * (x + eps) @ q.A @ (x + eps), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("start, chosen", [(0.0, "clean"), (1.0, "candidate")])
+def test_random_search_records_the_norm_of_the_point_it_descends_from(start, chosen):
+    """At the top of a concave bump every candidate on the ρ-sphere has a lower loss than w, so the
+    search descends from w itself (‖ε‖ = 0); on the convex side from a candidate (‖ε‖ = ρ)."""
+    w = nn.Parameter(torch.full((3,), start, dtype=torch.float64))
+
+    def closure(backward=True):
+        loss = (w ** 4 - w ** 2).sum()
+        if backward:
+            loss.backward()
+        return loss
+
+    opt = fm.RandomSearchSAM(torch.optim.SGD([w], lr=0.1), rho=0.1, candidates=3)
+    opt.track_statistics()
+    opt.step(closure)
+    want = 0.0 if chosen == "clean" else 0.1
+    torch.testing.assert_close(opt.statistics["eps_norm"], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert (opt.statistics["perturbed_loss"] == opt.statistics["clean_loss"]) == (chosen == "clean")
+
+
 def test_statistics_are_off_by_default_and_a_skipped_trigger_has_no_perturbed_pass():
     q = Quadratic()
     opt = fm.SAM(torch.optim.SGD(q.parameters(), lr=0.1), rho=0.3)

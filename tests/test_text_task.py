@@ -127,7 +127,7 @@ def test_fetch_runs_pip_download_into_the_cache(tmp_path, cache, monkeypatch):
         write_sdist(cache)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(data.text.subprocess, "run", fake_run)
     assert data.find_vader_archive() == cache / "vaderSentiment-3.3.2.tar.gz"
     cmd = calls[0]
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "vaderSentiment==3.3.2" in cmd

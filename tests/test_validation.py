@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import flatminima as fm
-from flatminima import _functional as F
-from flatminima.registry import Registry
-from flatminima.validation import check_choice, check_range
+from flatminima.core import kernels as F
+from flatminima.core.registry import Registry
+from flatminima.core.validation import check_choice, check_range
 from helpers import Quadratic
 from test_methods import Net, bit_equal, snapshot
 

@@ -5,14 +5,15 @@
     loss = opt.step(closure)          # closure(): forward + backward, returns the loss
 """
 
-from . import schedules
-from .methods import (AESAM, ASAM, GASAM, LPFSGD, MRWP, RWP, SAM, SSAM, Base, LayerSAM, LookSAM, MultiStepSAM,
-                      RandomSearchSAM, StochasticSAM, available, create, get, hyperparameters, register)
-from .optim import FlatOptimizer, Pass, params_by_name
+from .core import schedules
+from .core import FlatOptimizer, Pass, params_by_name
+from .methods import (AESAM, ASAM, GAM, GASAM, GSAM, LPFSGD, MRWP, RWP, SAM, SSAM, WSAM, Base, CFlat, FisherSAM,
+                      FriendlySAM, LayerSAM, LookSAM, MultiStepSAM, RandomSearchSAM, StochasticSAM, VaSSO, available,
+                      create, get, hyperparameters, register, unregister)
 from .engine import StepResult, TrainStep, train_step
 from . import diagnostics, lora
 from .lora import FlatLoRA, SAMLoRA
-from .scale import Scale
+from .core import Scale
 from .averaging import EMA, SWA, SWAD, update_bn
 from .trajectory import MESA, SAF, IndexedDataset, trajectory_kl
 from .lets import LETS
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMA", "SWA", "SWAD", "update_bn", "MESA", "SAF", "IndexedDataset", "trajectory_kl", "LETS",
-    "AESAM", "ASAM", "Base", "FlatLoRA", "SAMLoRA", "diagnostics", "lora", "LPFSGD", "MRWP", "RWP", "params_by_name", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
+    "AESAM", "ASAM", "Base", "CFlat", "FisherSAM", "FriendlySAM", "GAM", "GSAM", "VaSSO", "WSAM", "FlatLoRA", "SAMLoRA", "diagnostics", "lora", "LPFSGD", "MRWP", "RWP", "params_by_name", "FlatOptimizer", "GASAM", "LayerSAM", "LookSAM", "MultiStepSAM", "Pass",
     "RandomSearchSAM", "SAM", "SSAM", "Scale", "StochasticSAM", "available", "create", "get", "hyperparameters",
-    "register", "schedules", "StepResult", "TrainStep", "train_step",
+    "register", "unregister", "schedules", "StepResult", "TrainStep", "train_step",
 ]

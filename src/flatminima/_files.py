@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-from .validation import check
+from .core.validation import check
 
 try:
     import fcntl

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from .validation import is_int, is_real
+from .core.validation import is_int, is_real
 
 #: Headline diagnostics a record may carry (the results table's columns).
 _DIAGNOSTIC_KEYS = ("lambda_max", "trace", "sharpness", "average_sharpness", "lambda_max_batch_median")

@@ -50,12 +50,12 @@ from torch import nn
 from ._extras import require
 from ._files import (OutputLock, atomic_path, load_state_dict, prepare_out, remove_temporaries, save_torch, write_json,
                      write_text)
-from .validation import (check, check_bool, check_choice, check_int, check_nonnegative, check_positive, check_range,
+from .core.validation import (check, check_bool, check_choice, check_int, check_nonnegative, check_positive, check_range,
                          is_int)
 from . import methods as _methods
 from .data import Dataset, Inputs, available_tasks, load_task, minilm_path, take, task_loader
 from .engine import TrainStep
-from .registry import Registry
+from .core.registry import Registry
 from .models import MLP, ResNet, SmallCNN, resnet18_cifar
 
 # --------------------------------------------------------------------------------------------

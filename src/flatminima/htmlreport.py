@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .validation import check
+from .core.validation import check
 
 __all__ = ["Section", "Table", "table_from_markdown", "write_html_report"]
 

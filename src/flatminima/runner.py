@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 from ._extras import install_hint
 from ._files import load_state_dict, write_json, write_text
 from ._records import record_problem
-from .validation import check
+from .core.validation import check
 
 #: Config fields that do not change a unit's result.
 _NOT_IN_FINGERPRINT = ("out_dir", "device", "seeds", "methods", "save_models", "tensorboard", "name")

@@ -1,5 +1,4 @@
-"""Trajectory losses: flatness from the training trajectory instead of a perturbed pass
-(DESIGN.md §3 "Beyond perturbation"; seed 001, "SAF").
+"""Trajectory losses: flatness from the training trajectory instead of a perturbed pass.
 
 Du et al., "Sharpness-Aware Training for Free" (NeurIPS 2022) replace SAM's second
 forward/backward with a *trajectory loss*, a KL term pulling the current outputs towards the
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .validation import check, check_int, check_nonnegative, is_real
+from .core.validation import check, check_int, check_nonnegative, is_real
 
 #: Table dtypes SAF accepts (half-precision ones halve or quarter the memory).
 TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -52,9 +52,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..lora import _factors, _reduction_dtype, lora_layers
-from ..validation import check, check_int, check_nonnegative
-from ..schedules import derive_seed
+from ..lora import adapter_factors, lora_layers, reduction_dtype
+from ..core.validation import check, check_int, check_nonnegative
+from ..core.schedules import derive_seed
 
 STRATEGIES = ("finetune", "seq-lora", "inc-lora", "o-lora", "n-lora")
 #: Strategies that fold each finished task into the frozen adapter :data:`PAST`.
@@ -73,7 +73,7 @@ def _has(layer: nn.Module, name: str) -> bool:
 def _matrices(layer: nn.Module, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(A, B)`` as ``r × n_in`` and ``n_out × r`` matrices in ``dtype``: a convolution's A
     ``(r, in, kh, kw)`` is flattened, its B ``(out, r, 1, 1)`` squeezed."""
-    a, b = _factors(layer, name)
+    a, b = adapter_factors(layer, name)
     return a.to(dtype).flatten(1), b.to(dtype).flatten(1)
 
 
@@ -297,12 +297,12 @@ class ContinualLoRA:
                     terms += self._layer_terms(layer, orth)
         if not terms:
             param = next(self.model.parameters())
-            return torch.zeros((), dtype=_reduction_dtype(param), device=param.device)
+            return torch.zeros((), dtype=reduction_dtype(param), device=param.device)
         return torch.stack(terms).sum()
 
     def _layer_terms(self, layer: nn.Module, orth: float) -> list[Tensor]:
         """One layer's weighted terms of :meth:`penalty`."""
-        dtype = _reduction_dtype(_factors(layer, self.current)[0])
+        dtype = reduction_dtype(adapter_factors(layer, self.current)[0])
         a, b = _matrices(layer, self.current, dtype)
         terms = []
         if orth > 0 and _has(layer, PAST):
@@ -352,7 +352,7 @@ class ContinualLoRA:
         names = [n for n in (*self.past, self.current) if n is not None]
         folded = {}
         for key, layer in self._named_layers().items():
-            pairs = [_factors(layer, n) for n in names if _has(layer, n)]
+            pairs = [adapter_factors(layer, n) for n in names if _has(layer, n)]
             scales = [float(layer.scaling[n]) for n in names if _has(layer, n)]
             if pairs:
                 folded[key] = (torch.cat([a for a, _ in pairs], 0),
@@ -370,7 +370,7 @@ class ContinualLoRA:
         self._add_adapter(PAST, config)
         layers = self._named_layers()
         for key, (a, b) in folded.items():
-            a_dst, b_dst = _factors(layers[key], PAST)
+            a_dst, b_dst = adapter_factors(layers[key], PAST)
             a_dst.copy_(a)
             b_dst.copy_(b)
 

@@ -60,7 +60,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .._files import write_text
-from ..validation import check, check_described
+from ..core.validation import check, check_described
 
 __all__ = [
     "average_accuracy",

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from ..data import (VADER_DOMAINS, Dataset, PathLike, cache_dir, check_vader_options, load_digits,
                     load_fashion_mnist, load_vader, take)
-from ..registry import Registry
-from ..validation import check, check_bool, check_choice, check_int, check_optional_int, is_int
+from ..core.registry import Registry
+from ..core.validation import check, check_bool, check_choice, check_int, check_optional_int, is_int
 
 SCENARIOS = ("domain", "task", "class")
 

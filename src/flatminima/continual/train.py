@@ -31,7 +31,8 @@ from torch import nn
 
 from ..experiment import (RUN_DIAGNOSTIC_OPTIONS, _cross_entropy, build_model, diagnostic_batches, evaluate,
                           logits, steps_per_epoch, train_model)
-from ..validation import check
+from ..core.validation import check
+from ..diagnostics import top_eigenvalues
 from .adapters import STRATEGIES, ContinualLoRA
 from .metrics import _jsonable, continual_metrics
 from .tasks import ContinualTask, TaskSequence, load_sequence
@@ -178,7 +179,6 @@ def _scenarios(sequence: TaskSequence, scenario: Optional[str]) -> tuple[str, li
 def lambda_max(model: nn.Module, loss_fn, batches: list, space: str, seed: int,
                options: dict[str, Any]) -> float:
     """The top Hessian eigenvalue of ``loss_fn`` on ``batches`` in parameter ``space`` (eval mode)."""
-    from ..diagnostics import top_eigenvalues
 
     result = top_eigenvalues(model, loss_fn, batches, **{"k": 1, **options}, params=space, seed=seed)
     return float(result.values[0])

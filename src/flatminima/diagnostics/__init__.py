@@ -1,4 +1,4 @@
-"""Diagnostics: is this minimum flat? (DESIGN.md §5, §10.) Free functions that take
+"""Diagnostics: is this minimum flat? Free functions that take
 ``(model, loss_fn, data)`` and return plain results; none of them writes the model (see
 :mod:`flatminima.diagnostics.objective`). Figures: :mod:`flatminima.diagnostics.plots`
 (matplotlib, imported on use)."""

@@ -12,7 +12,7 @@
   ``d₂`` optionally orthogonalized against ``d₁`` filter by filter (Gram–Schmidt per filter, then
   normalized again: the pair is exactly orthogonal and both stay filter-normalized); the metric
   (accuracy) on the same grid optionally.
-* **Spaces** (DESIGN.md §10): any parameter choice of :class:`~.objective.Objective` (``params``:
+* **Spaces**: any parameter choice of :class:`~.objective.Objective` (``params``:
   trainable, ``"lora"`` for the LoRA factors only, ``"all"``, ...), or ``merged=True``: the merged
   weight ``W' = W0 + s·BA`` of every PEFT LoRA layer, the direction normalized on the filters of
   ``W'`` and applied as ``W0 + α·d`` by functional substitution of the frozen ``base_layer.weight``
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._functional import TINY, global_norm, reduction_dtype
-from ..validation import check, check_bool
+from ..core.kernels import TINY, global_norm, reduction_dtype
+from ..core.validation import check, check_bool
+from ..lora import lora_layers, merged_weight
 from .objective import LossFn, Objective, ParamSpec, select_params
 from .robustness import MetricFn, _check_metric, evaluate
 from .sharpness import Result, _plain, gaussian, generator, shifted
@@ -119,7 +120,6 @@ def _space(model: nn.Module, params: ParamSpec, merged: bool) -> tuple[list[Tens
         label = params if isinstance(params, str) else "trainable" if params is None else "custom"
         return tensors, [t.detach() for t in tensors], label
     check("params", params is None, params, "None with merged=True (the space is the LoRA layers' merged weights)")
-    from ..lora import lora_layers, merged_weight
 
     layers = lora_layers(model)
     check("model", bool(layers), type(model).__name__, "a PEFT model with LoRA layers (merged=True)")

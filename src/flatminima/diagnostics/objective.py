@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..validation import check
+from ..core.validation import check
+from ..lora import lora_parameters
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 ParamSpec = Union[None, str, nn.Module, Iterable[Tensor], Callable[[str, Tensor], bool]]
@@ -106,7 +107,6 @@ def select_params(model: nn.Module, params: ParamSpec = None) -> tuple[list[str]
     elif params == "all":
         chosen = [(n, p) for n, p in named if p.is_floating_point()]
     elif params == "lora":
-        from ..lora import lora_parameters
         ids = {id(p) for p in lora_parameters(model)}
         chosen = [(n, p) for n, p in named if id(p) in ids]
     elif isinstance(params, str):

@@ -1,4 +1,4 @@
-"""Figures for the diagnostics (DESIGN.md §10). matplotlib is an optional extra: it is imported
+"""Figures for the diagnostics. matplotlib is an optional extra: it is imported
 when a figure is drawn (Agg backend unless one is already chosen), never by the library itself.
 
 Each function takes a result of :mod:`flatminima.diagnostics` and a path, writes a PNG (or any
@@ -182,7 +182,7 @@ def plot_density(result: Any, path: PathLike, title: Optional[str] = None) -> st
 
 
 def plot_batch_eigenvalues(results: dict[str, Any], path: PathLike, title: Optional[str] = None) -> str:
-    """The dominant Hessian eigenvalue per evaluation batch as a distribution (DESIGN.md §10):
+    """The dominant Hessian eigenvalue per evaluation batch as a distribution:
     one histogram per entry of ``results`` (name → :class:`~.hessian.BatchEigenvalues`) with its
     median, min and max."""
     plt = _pyplot()

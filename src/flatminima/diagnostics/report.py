@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .._files import write_text
-from ..validation import check
-from . import hessian, landscape, robustness, sharpness
+from ..core.validation import check
+from . import hessian, landscape, plots, robustness, sharpness
 from .objective import LossFn, ParamSpec
 
 #: Settings per diagnostic (the keyword arguments of its function).
@@ -63,8 +63,6 @@ def _run_one(name: str, model, loss_fn, data, params, metric_fn, mode, seed, set
 
 
 def _figure(name: str, result: Any, out: Path) -> Optional[str]:
-    from . import plots
-
     path = out / f"{name}.png"
     if name == "density":
         return plots.plot_density(result, path)

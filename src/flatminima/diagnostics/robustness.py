@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._functional import global_norm
-from ..validation import check, check_int
+from ..core.kernels import global_norm
+from ..core.validation import check, check_int
 from .objective import LossFn, Objective, ParamSpec, batch_size
-from ..validation import check_nonnegative, check_positive
+from ..core.validation import check_nonnegative, check_positive
 from .sharpness import Result, ascend, check_ball_norm, generator, norm_label, random_in_ball, shifted, stderr
 
 MetricFn = Callable[[nn.Module, Any], Any]

@@ -2,7 +2,7 @@
 
 * **Worst case** (Foret et al. 2021; seed 001): ``S_ρ(w) = max_{‖T⁻¹ε‖_p ≤ ρ} L(w + ε) − L(w)`` for
   the L2 or L∞ ball, with ``T = 1`` or an adaptive ``T`` (ASAM, Kwon et al. 2021: ``T = |w| + η``
-  element-wise or ``‖w_i‖ + η`` filter-wise; any :class:`flatminima.scale.Scale`). The maximum is
+  element-wise or ``‖w_i‖ + η`` filter-wise; any :class:`flatminima.core.scale.Scale`). The maximum is
   searched by the multi-step projected ascent of Zhang et al. (2021) that GA-SAM uses (seed 002,
   eqs. 16–18): ``u_k = η·T ⊙ dual(T ⊙ ∇L(w + a_{k−1}))``, ``a_k = Π(a_{k−1} + u_k)``, with step
   ``η = 1.5ρ/K`` by default. The estimate is the highest loss met on the path ``a_0 … a_K`` (and at
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._functional import _mul, ascent_direction, clone, dual_direction, global_norm, inverse, project, reduction_dtype
-from ..validation import check, check_choice, check_int, check_nonnegative, check_positive
-from ..scale import Scale, group_norms
+from ..core.kernels import _mul, ascent_direction, clone, dual_direction, global_norm, inverse, project, reduction_dtype
+from ..core.validation import check, check_choice, check_int, check_nonnegative, check_positive
+from ..core.scale import Scale, group_norms
 from .objective import LossFn, Objective, ParamSpec, batch_size, is_batch
 
 #: Ball norms the projected ascent supports (GA-SAM eqs. 17–18).
@@ -148,7 +148,7 @@ def _check_ascent(rho: Any, norm: Any, steps: Any, step_size: Any, init: Any) ->
 
 def _check_ball_scale(scale: ScaleSpec, eta: Any) -> None:
     check("scale", scale is None or scale in BALL_SCALES or isinstance(scale, Scale), scale,
-          f"None, one of {', '.join(BALL_SCALES)}, or a flatminima.scale.Scale")
+          f"None, one of {', '.join(BALL_SCALES)}, or a flatminima.core.scale.Scale")
     check_nonnegative("eta", eta)
 
 
@@ -274,7 +274,7 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Any, rho: floa
     the path is 1.5ρ long, enough to reach the boundary and move along it; for a converged maximum
     raise ``steps`` or use ``step_size ≈ ρ`` (the update is then a power iteration on the sphere).
     ``scale``: None (``T = 1``), ``"element"`` (ASAM ``T = |w| + η``), ``"filter"`` (``‖w_i‖ + η``
-    per output row) or a :class:`~flatminima.scale.Scale` (gradient-based scales use the clean
+    per output row) or a :class:`~flatminima.core.scale.Scale` (gradient-based scales use the clean
     gradient). ``init``: ``"zero"`` (the training methods' start) or ``"random"``. ``distributed``:
     reduce over the ranks' data (None: when a process group is initialized). Cost: ``steps``
     forward+backward passes over ``data`` and one or two forward passes.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..validation import check
+from ..core.validation import check
 from .landscape import Endpoint, Line, _grid
 from .objective import LossFn, Objective, ParamSpec, batch_size, is_batch
 from .robustness import evaluate

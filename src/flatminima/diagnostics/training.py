@@ -22,8 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .._functional import tensor_norms
-from ..validation import check
+from ..core.kernels import tensor_norms
+from ..core.validation import check
 
 
 def _layers(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:

@@ -4,5 +4,5 @@
 ``flatminima[lightning]``), ``deepspeed`` (``DeepSpeedStep``; ``flatminima[deepspeed]``). Import
 the submodule you need; a missing extra raises ``ModuleNotFoundError`` naming the ``pip install``
 to run. Nothing here is imported by ``import flatminima``; the core's
-``flatminima._framework_loops`` (no framework import) lets a flatminima optimizer refuse
+``flatminima.core.framework_loops`` (no framework import) lets a flatminima optimizer refuse
 framework idioms that would step it wrongly."""

@@ -25,7 +25,7 @@ partial window by hand (a loader the accelerator did not prepare).
 ``accelerator.accumulate`` and ``accelerator.backward`` are not used: a method needs several
 passes per window, which they do not model. ``with accelerator.accumulate(model): opt.step(closure)``
 would call the closure on the window's last micro-batch only, so a flatminima optimizer refuses it
-(:mod:`flatminima._framework_loops`) when ``gradient_accumulation_steps > 1``.
+(:mod:`flatminima.core.framework_loops`) when ``gradient_accumulation_steps > 1``.
 
 Under fp16 (``mixed_precision="fp16"``) the engine scales every pass with the accelerator's
 ``GradScaler``, unscales it right after (ε needs true gradients) and hands the descent gradient back
@@ -42,8 +42,8 @@ from torch import nn
 
 from .._extras import require
 from ..engine import StepResult, TrainStep
-from ..optim import FlatOptimizer
-from ..validation import check, check_positive
+from ..core.shell import FlatOptimizer
+from ..core.validation import check, check_positive
 
 _accelerate_optimizer = require("accelerate.optimizer", "accelerate", "flatminima.integrations.accelerate")
 

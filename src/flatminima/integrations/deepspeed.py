@@ -32,7 +32,8 @@ reduction of the already averaged gradient). The hand-over scales the descent gr
 it adds no buffer to what DeepSpeed allocates itself.
 Supported: ZeRO stages 1 and 2, fp32 and bf16. Refused with a clear error: stage 0 and 3 (stage 3
 partitions the weights themselves) and DeepSpeed's fp16 (its dynamic loss scaler would have to
-scale each pass; use bf16).
+scale each pass; use bf16), and methods that write the weights after the base step (decoupled
+WSAM): DeepSpeed's next step would overwrite that write with its master copy.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ from torch import Tensor, nn
 
 from .. import methods as _methods
 from .._extras import require
-from ..engine import TrainStep, _distributed
-from ..optim import FlatOptimizer, Pass
-from ..validation import check
+from ..engine import TrainStep, distributed
+from ..core.passes import Pass
+from ..core.shell import FlatOptimizer
+from ..core.validation import check, check_described
 
 require("deepspeed", "deepspeed", "flatminima.integrations.deepspeed")  # a clear error without the extra
 
@@ -117,11 +119,11 @@ class _Passes(TrainStep):
         later = [(p.grad, g) for p, g in zip(self._params, grads) if g is not None and p.grad is not g]
         if later:  # micro-batches after the first: one foreach add, as autograd's own accumulation
             torch._foreach_add_(*map(list, zip(*later)))
-        if last and request.sync and _distributed() and torch.distributed.get_world_size() > 1:
+        if last and request.sync and distributed() and torch.distributed.get_world_size() > 1:
             _all_reduce_mean([p.grad for p in self._params if p.grad is not None])
 
     def _sync_group(self) -> Optional[Any]:
-        return torch.distributed.group.WORLD if _distributed() else None
+        return torch.distributed.group.WORLD if distributed() else None
 
 
 def _zero_optimizer(engine: Any) -> Any:
@@ -162,6 +164,12 @@ class DeepSpeedStep:
         if _methods.needs_model(name):
             hyper.setdefault("model", engine.module)
         self.optimizer: FlatOptimizer = _methods.create(name, _Shadow(groups), **hyper)
+        # DeepSpeed steps its fp32 master partitions and copies them over the weights at the next step:
+        # a write into the weights after the base step (decoupled WSAM) would be lost without a word.
+        check_described("method", not self.optimizer.combination.writes_weights_after_step,
+              f"{method!r} with {self.optimizer.combination!r}",
+              "a method whose whole update is the base optimizer's step under DeepSpeed "
+              "(for WSAM: decouple=False, or train with flatminima.TrainStep)")
         self.optimizer._step = int(start_step)
         self.passes = _Passes(engine.module, self.optimizer, loss_fn, accumulation=accumulation, bn=bn)
 

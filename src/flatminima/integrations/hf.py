@@ -54,8 +54,8 @@ require("accelerate", "hf", "flatminima.integrations.hf")  # the Trainer's own r
 
 from .. import methods as _methods  # noqa: E402
 from ..engine import TrainStep  # noqa: E402
-from ..optim import FlatOptimizer  # noqa: E402
-from ..validation import check, check_choice, check_int  # noqa: E402
+from ..core.shell import FlatOptimizer  # noqa: E402
+from ..core.validation import check, check_choice, check_int  # noqa: E402
 from .accelerate import _flat  # noqa: E402
 
 Trainer, TrainerCallback = _transformers.Trainer, _transformers.TrainerCallback

@@ -18,7 +18,7 @@ Subclass it instead of ``lightning.LightningModule``, name the method in ``super
 
 The module runs under manual optimization. Its ``training_step`` collects ``accumulate`` micro-batches
 (the dataloader's batches) into a window and, on the window's last one, runs one optimizer step over
-the window with :class:`flatminima.TrainStep`'s semantics (DESIGN.md §4: ``accumulation``, ``bn``,
+the window with :class:`flatminima.TrainStep`'s semantics (``accumulation``, ``bn``,
 ``max_grad_norm``; DDP ``no_sync``), so a run matches ``TrainStep`` on the same micro-batches step for
 step. The last batch of an epoch closes a shorter window (as Lightning's own accumulation does).
 ``trainer.global_step`` and ``max_steps`` count optimizer steps. LR schedulers returned by
@@ -37,7 +37,7 @@ A plain ``LightningModule`` returning a flatminima optimizer from ``configure_op
 step and backward) is re-run for each of the method's passes, equal to ``opt.step(closure)``. With
 ``accumulate_grad_batches > 1`` (Lightning would run the accumulating micro-batches outside the
 method) and under ``"16-mixed"`` (its plugin runs the closure once) the first step refuses, before
-any weight moves, naming this module's ``accumulate=`` (:mod:`flatminima._framework_loops`).
+any weight moves, naming this module's ``accumulate=`` (:mod:`flatminima.core.framework_loops`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from .. import methods as _methods
 from .._extras import require
 from ..engine import TrainStep
-from ..optim import FlatOptimizer
-from ..validation import check, check_bool, check_int
+from ..core.shell import FlatOptimizer
+from ..core.validation import check, check_bool, check_int
 
 pl = require("lightning.pytorch", "lightning", "flatminima.integrations.lightning")
 
