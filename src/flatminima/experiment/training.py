@@ -1,0 +1,234 @@
+"""One run: a (method, seed) unit trained, evaluated and diagnosed into a JSON-ready record.
+
+Inputs are image tensors or, for text tasks, dicts of token tensors fed as ``model(**inputs).logits``
+(trailing padding trimmed per batch). The final train loss is the mean clean training loss (at ``w``)
+over the last epoch's steps; methods whose steps have no clean pass (RWP, LPF-SGD, Flat-LoRA) report
+their first (noisy) pass instead. The time per step is the wall time of the training steps only (the
+device synchronized at the boundaries).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import methods as _methods
+from ..core.validation import check
+from ..data import Dataset, Inputs, take
+from ..engine import TrainStep
+from .config import RUN_DIAGNOSTIC_OPTIONS, ExperimentConfig, batch_groups
+from .models import build_model
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device of a validated ``device`` field; ``ValueError`` naming it when CUDA or that
+    CUDA device is not available here."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        check("device", torch.cuda.is_available(), spec, "'cpu' or 'auto': CUDA is not available here")
+        count = torch.cuda.device_count()
+        check("device", (device.index or 0) < count, spec, f"'cuda' or 'cuda:N' with N < {count} (the devices here)")
+    return device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trim_padding(x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns that are padding in every row (right padding, ``attention_mask`` 0): the
+    logits are the same, the cost follows the batch's longest sentence instead of ``max_length``."""
+    mask = x.get("attention_mask")
+    if mask is None:
+        return dict(x)
+    length = max(1, int(mask.sum(1).max()))
+    return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in x.items()}
+
+
+def logits(model: nn.Module, x: Inputs) -> torch.Tensor:
+    """``model(x)`` for tensor inputs; ``model(**x).logits`` for a dict (a Hugging Face model)."""
+    if isinstance(x, Mapping):
+        out = model(**trim_padding(x))
+        return out.logits if hasattr(out, "logits") else out
+    return model(x)
+
+
+def _cross_entropy(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(logits(model, x), y)
+
+
+@torch.no_grad()
+def accuracy_counts(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(correct, count)`` on one batch: the metric the diagnostics report beside the loss."""
+    x, y = batch
+    return (logits(model, x).argmax(-1) == y).sum(), len(y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int,
+             logit_mask: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode; the training mode is restored.
+    ``logit_mask`` (0 for the allowed classes, ``-inf`` for the others) is added to the logits: the
+    task-incremental evaluation of a continual run."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=y.device)
+    correct = torch.zeros((), device=y.device, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        logits_ = logits(model, take(x, slice(i, i + batch_size))).float()
+        if logit_mask is not None:
+            logits_ = logits_ + logit_mask
+        loss += F.cross_entropy(logits_, y[i:i + batch_size], reduction="sum")
+        correct += (logits_.argmax(1) == y[i:i + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / len(y), loss.item() / len(y)
+
+
+def _base_optimizer(params, base: dict[str, Any]) -> torch.optim.Optimizer:
+    if base["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=base["lr"], momentum=base["momentum"], weight_decay=base["weight_decay"])
+    return torch.optim.AdamW(params, lr=base["lr"], betas=(base["momentum"], 0.999), weight_decay=base["weight_decay"])
+
+
+def steps_per_epoch(config: ExperimentConfig, data: Dataset) -> int:
+    n = len(data.y_train) // config.batch_size
+    check("batch_size", n >= 1, config.batch_size, f"at most the {len(data.y_train)} training examples")
+    return n
+
+
+def diagnostic_batches(config: ExperimentConfig, data: Dataset) -> list:
+    """The data the diagnostics run on: the first ``diagnostics_samples`` test examples, in
+    batches of at most 256."""
+    n = min(config.diagnostics_samples, len(data.y_test))
+    size = min(256, config.eval_batch_size)
+    return [(take(data.x_test, slice(i, min(i + size, n))), data.y_test[i:min(i + size, n)]) for i in range(0, n, size)]
+
+
+def run_diagnostics(config: ExperimentConfig, data: Dataset, model: nn.Module, seed: int) -> dict[str, Any]:
+    """The per-run diagnostics of ``config`` on ``model``: headline numbers and wall times."""
+    from ..diagnostics.report import report
+
+    names = [d for d in config.diagnostics if d != "interpolation"]
+    if not names:
+        return {}
+    result = report(model, _cross_entropy, diagnostic_batches(config, data), diagnostics=names, seed=seed,
+                    options={k: v for k, v in RUN_DIAGNOSTIC_OPTIONS.items() if k in names}, figures=False)
+    return {"summary": result["summary"], "seconds": result["seconds"]}
+
+
+def run_one(config: ExperimentConfig, data: Dataset, label: str, seed: int, device: torch.device,
+            on_step: Optional[Callable[[dict], None]] = None,
+            on_model: Optional[Callable[[nn.Module], None]] = None) -> dict[str, Any]:
+    """Train one (method, seed) unit; return its JSON-ready record.
+
+    The seed fixes the initialization and everything else drawn from the global RNG during
+    training (dropout): the unit runs inside ``fork_rng`` after ``torch.manual_seed(seed)``, so the
+    caller's global RNG state is left as it was; the shuffling uses a local generator and the
+    method its own generators. The training loss of every step stays on the device and is read at
+    evaluation points only. ``on_step(info)`` is called after every step (progress display),
+    ``on_model(model)`` with the trained model. The record holds the config's per-run diagnostics.
+    """
+    name, base_settings, hyper = config.method_spec(label)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_model(config.model, data, **config.model_options).to(device)
+        record = _train(config, data, label, seed, device, on_step, model, name, base_settings, hyper)
+    diagnostics = run_diagnostics(config, data, model, seed)
+    if diagnostics:
+        record["diagnostics"] = diagnostics
+    if on_model is not None:
+        on_model(model)
+    return record
+
+
+def _train(config: ExperimentConfig, data: Dataset, label: str, seed: int, device: torch.device,
+           on_step: Optional[Callable[[dict], None]], model: nn.Module, name: str, base_settings: dict[str, Any],
+           hyper: dict[str, Any]) -> dict[str, Any]:
+    trained = train_model(config, data, model, name, base_settings, hyper, seed, device, on_step)
+    return {"method": label, "registry_name": name, "hyperparameters": hyper, "base_optimizer": base_settings,
+            "seed": seed, "config": config.to_dict(), **trained}
+
+
+def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name: str, base_settings: dict[str, Any],
+                hyper: dict[str, Any], seed: int, device: torch.device,
+                on_step: Optional[Callable[[dict], None]] = None, *,
+                loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
+                regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+                shuffle: Optional[torch.Generator] = None, method_seed: Optional[int] = None,
+                evaluate_fn: Optional[Callable[[nn.Module], tuple[float, float]]] = None) -> dict[str, Any]:
+    """``config.epochs`` epochs of method ``name`` on ``data`` over the trainable parameters of
+    ``model``; returns ``{"curves", "final"}`` (the record's training part).
+
+    ``loss_fn`` (default: cross-entropy), ``regularizer`` (added once per pass, see
+    :class:`~flatminima.engine.TrainStep`), ``shuffle`` (the order's generator, default: seeded by
+    ``seed``), ``method_seed`` (the method's noise seed, default ``seed``) and ``evaluate_fn``
+    (``model -> (accuracy, loss)``, default: the whole test set) let a continual run train task after
+    task with the same loop.
+    """
+    per_epoch = steps_per_epoch(config, data)
+    total = per_epoch * config.epochs
+    base = _base_optimizer([p for p in model.parameters() if p.requires_grad], base_settings)
+    extra = {"model": model} if _methods.needs_model(name) else {}
+    opt = _methods.create(name, base, **{"seed": seed if method_seed is None else method_seed, "total_steps": total,
+                                         **extra, **hyper})
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None
+    train_step = TrainStep(model, opt, loss_fn or _cross_entropy, accumulation=config.accumulation,
+                           regularizer=regularizer)
+    shuffle = shuffle if shuffle is not None else torch.Generator().manual_seed(seed)
+    evaluate_fn = evaluate_fn or (lambda m: evaluate(m, data.x_test, data.y_test, config.eval_batch_size))
+    losses = torch.zeros(total, device=device)
+    evals: dict[str, list] = {"step": [], "test_acc": [], "test_loss": []}
+    # LPF-SGD (and m-RWP on two batches) take the batch as groups of micro-batches: each of the
+    # accumulation_steps micro-batches is cut into that many chunks (validated to divide evenly).
+    train_time, step = 0.0, 0
+    micro = config.batch_size // (config.accumulation_steps * batch_groups(name, hyper))
+
+    def evaluate_now() -> None:
+        acc, loss = evaluate_fn(model)
+        evals["step"].append(step)
+        evals["test_acc"].append(acc)
+        evals["test_loss"].append(loss)
+
+    was_training = model.training
+    evaluate_now()
+    model.train()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(data.y_train), generator=shuffle).to(device)
+        for b in range(per_epoch):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            x, y = take(data.x_train, idx), data.y_train[idx]
+            result = train_step([(take(x, slice(i, i + micro)), y[i:i + micro])
+                                 for i in range(0, config.batch_size, micro)])
+            losses[step] = result.loss
+            if schedule is not None:
+                schedule.step()
+            step += 1
+            if step % config.eval_every == 0 or step == total:
+                _sync(device)
+                train_time += time.perf_counter() - started
+                evaluate_now()
+                if on_step:
+                    since = losses[step - min(step, config.eval_every):step]
+                    on_step({"step": step, "train_loss": since.mean().item(), "test_acc": evals["test_acc"][-1]})
+                started = time.perf_counter()
+            elif on_step:
+                on_step({"step": step})
+    model.train(was_training)
+    train_loss = losses.tolist()
+    return {
+        "curves": {"train_loss": train_loss, "eval_step": evals["step"], "test_acc": evals["test_acc"],
+                   "test_loss": evals["test_loss"]},
+        "final": {"test_acc": evals["test_acc"][-1], "test_loss": evals["test_loss"][-1],
+                  "train_loss": sum(train_loss[-per_epoch:]) / per_epoch, "steps": total,
+                  "train_time_s": train_time, "time_per_step_s": train_time / total},
+    }
