@@ -63,6 +63,23 @@ def grads_of(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
+def set_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Make ``grads`` the ``.grad`` of ``params`` (the descent gradient the base optimizer reads)."""
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+class KeepsClean(Combination):
+    """A combination of the clean gradient with the last perturbed pass's: :meth:`start` keeps the
+    clean gradient tensors (references: the next pass writes fresh ``.grad`` tensors), and
+    ``finish`` receives ``state = (params, clean)``."""
+
+    uses_clean = True
+
+    def start(self, opt, params):
+        return params, grads_of(params)
+
+
 class MeanGradient(Combination):
     """Descend along the mean of the gradients of the step's passes: ``∇L(w + a_k)`` over
     ``k = 0..K`` with the clean one (GA-SAM eq. 14, ``a_0 = 0``), or over the perturbed passes
@@ -89,12 +106,11 @@ class MeanGradient(Combination):
     def finish(self, opt, state, params, passes):
         params, total = state
         fe.div_(total, float(passes + int(self.uses_clean)))
-        for p, g in zip(params, total):
-            p.grad = g
+        set_grads(params, total)
         return None
 
 
-class LookSAMGradient(Combination):
+class LookSAMGradient(KeepsClean):
     """LookSAM (Liu et al. 2022): reuse the SAM-specific part of the gradient between SAM steps.
 
     On a SAM step store ``g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g`` (``g_s`` the perturbed and ``g`` the clean
@@ -103,7 +119,6 @@ class LookSAMGradient(Combination):
     taken at this step, never from a stale one.
     """
 
-    uses_clean = True
     slot = StateSlot("looksam")
 
     def __init__(self, alpha: float):
@@ -111,9 +126,6 @@ class LookSAMGradient(Combination):
 
     def __repr__(self) -> str:
         return f"LookSAMGradient(alpha={self.alpha})"
-
-    def start(self, opt, params):
-        return params, grads_of(params)
 
     def finish(self, opt, state, params, passes):
         params, clean = state
@@ -129,11 +141,9 @@ class LookSAMGradient(Combination):
         fe.add_(grads, fe.mul(g_v, coef))
 
 
-class MixGradient(Combination):
+class MixGradient(KeepsClean):
     """Descend along ``λ·∇L(w + ε) + (1 − λ)·∇L(w)``, ``λ = noisy_weight``: m-RWP (Li et al. 2024,
     eq. 8), and coupled WSAM with ``λ = γ/(1 − γ)`` (any real λ: WSAM's is above 1)."""
-
-    uses_clean = True
 
     def __init__(self, noisy_weight: float):
         self.noisy_weight = noisy_weight
@@ -141,25 +151,19 @@ class MixGradient(Combination):
     def __repr__(self) -> str:
         return f"MixGradient(noisy_weight={self.noisy_weight})"
 
-    def start(self, opt, params):
-        return params, grads_of(params)
-
     def finish(self, opt, state, params, passes):
         clean_params, clean = state
         noisy = grads_of(clean_params)
         fe.mul_(noisy, self.noisy_weight)
         fe.add_(noisy, clean, alpha=1.0 - self.noisy_weight)
-        for p, g in zip(clean_params, noisy):
-            p.grad = g
+        set_grads(clean_params, noisy)
         return None
 
 
-class SurrogateGap(Combination):
+class SurrogateGap(KeepsClean):
     """GSAM (Zhuang et al., ICLR 2022): descend along ``g_a − α·g⊥``, ``g⊥ = g − (⟨g, g_a⟩/‖g_a‖²)·g_a``
     the clean gradient's component orthogonal to the perturbed one (``reject(g, onto=g_a)``), which
     lowers the surrogate gap ``L(w + ε) − L(w)`` without changing the perturbed loss to first order."""
-
-    uses_clean = True
 
     def __init__(self, alpha: float):
         self.alpha = alpha
@@ -167,24 +171,19 @@ class SurrogateGap(Combination):
     def __repr__(self) -> str:
         return f"SurrogateGap(alpha={self.alpha})"
 
-    def start(self, opt, params):
-        return params, grads_of(params)
-
     def finish(self, opt, state, params, passes):
         params, clean = state
         perturbed = grads_of(params)
         fe.add_(perturbed, F.reject(clean, onto=perturbed), alpha=-self.alpha)
-        for p, g in zip(params, perturbed):
-            p.grad = g
+        set_grads(params, perturbed)
         return None
 
 
-class DecoupledSharpness(Combination):
+class DecoupledSharpness(KeepsClean):
     """Decoupled WSAM (Yue et al., KDD 2023): the base optimizer steps on the clean gradient ``g``,
     then, after its step, ``w ← w − lr·α·(g_a − g)`` for each parameter group's ``lr`` (the
     sharpness term outside the base optimizer: its momentum and adaptive scaling never see it)."""
 
-    uses_clean = True
     writes_weights_after_step = True
 
     def __init__(self, alpha: float):
@@ -193,14 +192,10 @@ class DecoupledSharpness(Combination):
     def __repr__(self) -> str:
         return f"DecoupledSharpness(alpha={self.alpha})"
 
-    def start(self, opt, params):
-        return params, grads_of(params)
-
     def finish(self, opt, state, params, passes):
         params, clean = state
         sharpness = fe.sub(grads_of(params), clean)
-        for p, g in zip(params, clean):
-            p.grad = g
+        set_grads(params, clean)
         group_of = {id(p): i for i, group in enumerate(opt.param_groups) for p in group["params"]}
         by_group: dict[int, tuple[list, list]] = {}
         for p, s in zip(params, sharpness):

@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..core import foreach as fe
 from ..core import kernels as F
-from ..core.combine import Combination, grads_of
+from ..core.combine import Combination, grads_of, set_grads
 from ..core.perturbations import GradientNormAscent
 from ..core.schedules import Trigger
 from ..core.shell import FlatOptimizer
@@ -34,8 +34,7 @@ class _PassGradients(Combination):
 
     def finish(self, opt, state, params, passes):
         params, g0, passes_ = state
-        for p, g in zip(params, self.descent(g0, *passes_)):
-            p.grad = g
+        set_grads(params, self.descent(g0, *passes_))
         return None
 
     def descent(self, g0, g1, g2, g3) -> list:
