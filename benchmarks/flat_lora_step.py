@@ -101,7 +101,7 @@ def candidates(model, ids, whole: bool) -> dict[str, Callable[[], None]]:
         return step
 
     def weights():
-        return [(layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight for layer in layers]
+        return [layer.weight for layer in layers]  # W0 of a LoRA layer, or a plain layer's weight
 
     gen = torch.Generator(device=ids.device)
 

@@ -1,19 +1,36 @@
 #!/usr/bin/env bash
-# Set up flatminima in ./.venv.   usage: bash scripts/setup.sh [run|dev]
+# Set up flatminima in ./.venv.   usage: bash scripts/setup.sh [run|dev|timm]
 #   run (default): the library, the experiment extras (MiniLM included) and the data: Fashion-MNIST
 #                  and the VADER sentences (main job and the text preset)
 #   dev:           the library, the test dependencies and the VADER sentences (the examples the tests
 #                  run train on them); no Fashion-MNIST: the tests build tiny idx files themselves
-# Both install the exact versions of scripts/constraints.txt (torch: below).
+#   timm:          a second environment, ./.venv-timm, for tests/test_timm.py (timm's ViT against
+#                  flatminima's): timm with the torch and torchvision it is tested with, pytest,
+#                  safetensors, scikit-learn and the library (--no-deps); about 1 minute, 5.5 GB
+# All install the exact versions of scripts/constraints.txt (torch: below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-run}
-case "$target" in run|dev) ;; *) echo "usage: bash scripts/setup.sh [run|dev]" >&2; exit 2 ;; esac
+case "$target" in run|dev|timm) ;; *) echo "usage: bash scripts/setup.sh [run|dev|timm]" >&2; exit 2 ;; esac
 
 python=${PYTHON:-python3}
+constraints=(--constraint scripts/constraints.txt)
+
+if [ "$target" = timm ]; then
+  # timm needs torchvision, and PyPI's x86_64 torchvision wheels are CUDA builds that do not load beside
+  # .venv's CPU torch ("operator torchvision::nms does not exist"): hence its own environment, with the
+  # torch that torchvision was built for.
+  [ -x .venv-timm/bin/python ] || "$python" -m venv .venv-timm
+  tpip=(.venv-timm/bin/python -m pip install --quiet --disable-pip-version-check)
+  "${tpip[@]}" "${constraints[@]}" torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest==9.2.0 numpy safetensors \
+    scikit-learn
+  "${tpip[@]}" --no-deps -e .
+  echo "flatminima is set up in .venv-timm (timm)"
+  exit 0
+fi
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-constraints=(--constraint scripts/constraints.txt)
 
 # PyTorch first, so the project's `torch>=2.3` is already satisfied: on machines without an NVIDIA
 # GPU a pinned release (a CPU build where one is cached locally); with a GPU, PyPI's CUDA build.

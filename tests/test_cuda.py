@@ -70,7 +70,7 @@ def test_flat_lora_on_cuda_matches_the_explicit_noisy_model(whole_model):
     opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.3, whole_model=whole_model)
     noisy = copy.deepcopy(model)
     for i, (layer, twin) in enumerate(zip(frozen_layers(model, whole_model), frozen_layers(noisy, whole_model))):
-        weight = (twin.get_base_layer() if hasattr(twin, "get_base_layer") else twin).weight
+        weight = twin.weight  # W0 of a LoRA layer, or a plain layer's weight
         with torch.no_grad():
             weight.copy_(noisy_weight(weight, row_scale(layer, 0.3).reshape(-1), opt.rng_seed(stream=i)))
     x = torch.randn(32, 64, device="cuda")
@@ -151,12 +151,52 @@ def test_fp16_grad_scaler_skips_the_whole_step_on_inf_on_cuda():
     assert step([(x, y)]).skipped is False
 
 
+def _qkv(dtype):  # two adapters on row slices of one fused weight: the stacked factors
+    torch.manual_seed(0)
+    module = fm.lora.QKVLoRA(nn.Linear(64, 192), r=4, alpha=8)
+    for t in module.targets:
+        nn.init.normal_(module.part(t)[1].weight, std=0.1)
+    return module.to("cuda", dtype)
+
+
+@pytest.mark.parametrize("make", [_tiny, _qkv])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_row_norms_equal_the_merged_weight_norms(dtype):
+def test_fused_row_norms_equal_the_merged_weight_norms(dtype, make):
     from flatminima.lora import merged_weight
-    model = _tiny(dtype)
+    model = make(dtype)
     for layer in lora_layers(model):
         merged = merged_weight(layer)
         for noise, factor in (("flatlora", 0.3 / merged.shape[1] ** 0.5), ("filter", 0.3)):
             want = factor * torch.linalg.vector_norm(merged, dim=1, keepdim=True)
             torch.testing.assert_close(row_scale(layer, 0.3, noise), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ("factors", "update", "merged", "base", "all"))
+def test_lora_supports_on_cuda_match_the_cpu_in_float64_and_keep_bf16_bases(kind):
+    from test_lora_supports import closure_for, data, frozen_bases, trainable, vit_lora
+
+    from flatminima.lora import support
+
+    cpu = vit_lora()
+    gpu = copy.deepcopy(cpu).cuda()
+    x, y = data()
+    for model, (xx, yy) in ((cpu, (x, y)), (gpu, (x.cuda(), y.cuda()))):
+        opt = fm.SAM(torch.optim.SGD(trainable(model), lr=0.1), rho=0.05, scope=support(model, kind))
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(closure_for(model, xx, yy))
+    for p, q in zip(cpu.state_dict().values(), gpu.state_dict().values()):
+        assert torch.allclose(p, q.cpu(), rtol=0, atol=1e-10)
+    # bf16 under autocast: the functional weight is built in the autocast dtype; W0 never moves
+    model = vit_lora().float().cuda()
+    for w in frozen_bases(model):
+        w.data = w.data.to(torch.bfloat16).float()
+    w0 = [w.clone() for w in frozen_bases(model)]
+    opt = fm.SAM(torch.optim.SGD(trainable(model), lr=0.1), rho=0.05, scope=support(model, kind))
+    xx, yy = x.float().cuda(), y.cuda()
+    for _ in range(20):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            opt.step(closure_for(model, xx, yy))
+    assert all(torch.equal(a, b) for a, b in zip(w0, frozen_bases(model)))
+    assert all(torch.isfinite(p).all() for p in trainable(model))

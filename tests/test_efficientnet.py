@@ -47,7 +47,7 @@ def test_lora_on_the_pointwise_convolutions_backbone_frozen_head_trained():
     assert {n for n in trainable if "._fc." in n} == {"base_model.model.backbone._fc.weight",
                                                       "base_model.model.backbone._fc.bias"}
     lora_layers = fm.lora.lora_layers(model)
-    assert len(lora_layers) == 32 and all(layer.get_base_layer().kernel_size == (1, 1) for layer in lora_layers)
+    assert len(lora_layers) == 32 and all(layer.base.kernel_size == (1, 1) for layer in lora_layers)
     # B = 0: the adapted network computes the pretrained one (with its new head) on resized gray input.
     plain = model.base_model.model
     x = torch.randn(3, 1, 28, 28)
@@ -70,14 +70,14 @@ def test_flat_lora_on_efficientnet_equals_the_explicitly_perturbed_network():
     torch.manual_seed(0)
     model = MODELS.get("efficientnet_lite0_lora")(_shape(), image_size=32, r=2).double()
     for layer in fm.lora.lora_layers(model):  # B ≠ 0, so that the merged weight differs from W0
-        nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+        nn.init.normal_(layer.module.lora_B["default"].weight, std=0.05)
     x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (4,))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = fm.FlatLoRA(torch.optim.SGD(params, lr=0.0), model=model, rho=0.05, whole_model=True)
     model.eval()  # (BatchNorm statistics fixed: the comparison is of one function)
     noisy = copy.deepcopy(model)
     for i, (layer, twin) in enumerate(zip(frozen_layers(model, True), frozen_layers(noisy, True))):
-        weight = (twin.get_base_layer() if hasattr(twin, "get_base_layer") else twin).weight
+        weight = twin.weight  # W0 of a LoRA layer, or a plain layer's weight
         row = row_scale(layer, 0.05)
         with torch.no_grad():
             weight.add_(layer_noise(opt.rng_seed(stream=i), row, tuple(weight.shape), row.dtype))

@@ -157,7 +157,7 @@ def test_merged_weight_direction_matches_an_explicit_copy():
         twin = copy.deepcopy(model)
         with torch.no_grad():
             for layer, delta in zip(lora_layers(twin), d):
-                layer.get_base_layer().weight.add_(a * delta)
+                layer.weight.add_(a * delta)
             expected = float(ce(twin.eval(), data))
         assert value == pytest.approx(expected, rel=1e-13, abs=1e-15)
     assert r.loss[1] == r.clean_loss and r.space == "merged"

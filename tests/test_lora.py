@@ -47,7 +47,7 @@ def explicit_noisy_copy(model, opt, rho, noise="flatlora", whole_model=False):
     noisy = copy.deepcopy(model)
     pairs = zip(frozen_layers(model, whole_model), frozen_layers(noisy, whole_model))
     for i, (layer, twin) in enumerate(pairs):
-        weight = (twin.get_base_layer() if hasattr(twin, "get_base_layer") else twin).weight
+        weight = twin.weight  # W0: a LoRALayer's base weight, or a plain layer's weight
         row = row_scale(layer, rho, noise)
         eps = layer_noise(opt.rng_seed(stream=i), row, tuple(weight.shape), row.dtype)
         with torch.no_grad():
@@ -61,10 +61,12 @@ def lora_grads(model):
 
 def test_row_scale_is_the_merged_weight_row_norm():
     model = make()
-    layer = lora_layers(model)[0]
-    W = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    peft_layer = lora_layers(model)[0].module
+    W = (peft_layer.base_layer.weight
+         + peft_layer.scaling["default"] * peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight)
     expected = 0.1 * W.norm(dim=1, keepdim=True) / math.sqrt(6)
-    torch.testing.assert_close(flat_lora_row_scale(layer, 0.1), expected.detach(), rtol=0, atol=1e-14)
+    for layer in (lora_layers(model)[0], peft_layer):  # a LoRALayer, or the PEFT module read on the spot
+        torch.testing.assert_close(flat_lora_row_scale(layer, 0.1), expected.detach(), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
@@ -195,8 +197,9 @@ def test_noise_scales_and_whole_model(noise, whole_model):
 
 def test_row_scales_by_hand():
     layer = lora_layers(make())[0]
-    W = (layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight
-         @ layer.lora_A["default"].weight).detach()
+    peft_layer = layer.module
+    W = (peft_layer.base_layer.weight + peft_layer.scaling["default"] * peft_layer.lora_B["default"].weight
+         @ peft_layer.lora_A["default"].weight).detach()
     torch.testing.assert_close(row_scale(layer, 0.5, "filter"), 0.5 * W.norm(dim=1, keepdim=True))
     torch.testing.assert_close(row_scale(layer, 0.5, "matrix"), (0.5 * W.norm()).expand(8, 1))
     torch.testing.assert_close(row_scale(layer, 0.5, "uniform"), torch.full((8, 1), 0.5, dtype=W.dtype))
@@ -245,10 +248,11 @@ def test_sam_lora_normalizes_each_factor():
 def test_balancedness():
     model = make()
     model.add_adapter("second", peft.LoraConfig(r=3, target_modules=["fc2"], init_lora_weights=False))
+    peft_layers = [layer.module for layer in lora_layers(model)]
     expected = sum((layer.lora_A["default"].weight.square().sum() - layer.lora_B["default"].weight.square().sum()).abs()
-                   for layer in lora_layers(model))
+                   for layer in peft_layers)
     torch.testing.assert_close(balancedness(model), expected)
-    layer = lora_layers(model)[1]
+    layer = peft_layers[1]
     second = (layer.lora_A["second"].weight.square().sum() - layer.lora_B["second"].weight.square().sum()).abs()
     torch.testing.assert_close(balancedness(model, adapter="second"), second)
     balancedness(model).backward()

@@ -34,7 +34,8 @@ adds ``task{t}`` with ``config``. Between tasks nothing but the ``trainable`` mo
 grad. New adapters are initialised from ``(seed, t)`` inside a forked CPU RNG: reproducible, and the
 caller's RNG never moves. The classification head is named in ``trainable`` and trained by setting
 ``requires_grad`` here, never through PEFT's ``modules_to_save`` (which refuses several active
-adapters).
+adapters). The adapters' lifecycle (add, delete, activate, merge) is PEFT's, which owns the modules; the
+penalty and the fold read factors through the LoRA protocol (:func:`flatminima.lora.lora_layers`).
 
 Saving: every adapter (past and current) is in ``model.peft_config``, hence in ``model.state_dict()``
 and ``model.save_pretrained`` (the head is in the state dict only). :meth:`ContinualLoRA.merge`
@@ -52,7 +53,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..lora import adapter_factors, lora_layers, reduction_dtype
+from ..lora import LoRALayer, LowRankAdapter, lora_layers, reduction_dtype
 from ..core.validation import check, check_int, check_nonnegative
 from ..core.schedules import derive_seed
 
@@ -66,15 +67,24 @@ PAST = "past"
 SAFE_INITS = (True, False, "gaussian")
 
 
-def _has(layer: nn.Module, name: str) -> bool:
-    return name in layer.lora_A or name in layer.lora_embedding_A
+def _adapter(layer: LoRALayer, name: str) -> Optional[LowRankAdapter]:
+    """The adapter ``name`` of ``layer`` (active or not), or None."""
+    return next(iter(layer.named(name)), None)
 
 
-def _matrices(layer: nn.Module, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` as ``r × n_in`` and ``n_out × r`` matrices in ``dtype``: a convolution's A
-    ``(r, in, kh, kw)`` is flattened, its B ``(out, r, 1, 1)`` squeezed."""
-    a, b = adapter_factors(layer, name)
-    return a.to(dtype).flatten(1), b.to(dtype).flatten(1)
+def _matrices(layer: LoRALayer, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """PEFT's ``(A, B)`` as ``r × n`` and ``m × r`` matrices in ``dtype``: a convolution's A
+    ``(r, in, kh, kw)`` flattened, its B ``(out, r, 1, 1)`` squeezed (an embedding's ``B A`` is ``ΔWᵀ``)."""
+    adapter = _adapter(layer, name)
+    return adapter.a.to(dtype).flatten(1), adapter.b.to(dtype).flatten(1)
+
+
+def _peft_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """The PEFT LoRA layers of a ``PeftModel`` (where the task adapters live) read through the LoRA
+    protocol, by the key PEFT targets them with (a name inside ``base_model.model``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {layer.name: layer for layer in lora_layers(model.base_model.model) if isinstance(layer.module, LoraLayer)}
 
 
 #: Elements of ``B A`` formed at once by :func:`update_l1` (rows of ``B`` are taken in chunks).
@@ -199,7 +209,7 @@ class ContinualLoRA:
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         check("model", not any(m.merged for m in layers), "merged adapters", "unmerged adapters")
         if folding:  # the fold and the penalty read A and B of Linear/Conv/Embedding layers
-            supported = {id(m) for m in lora_layers(model)}
+            supported = {id(layer.module) for layer in lora_layers(model)}
             check("model", all(id(m) in supported for m in layers), "LoRA on another layer type",
                   "LoRA on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding layers only")
             check("model", all(getattr(m.get_base_layer(), "groups", 1) == 1 for m in layers), "grouped convolutions",
@@ -292,20 +302,21 @@ class ContinualLoRA:
         terms: list[Tensor] = []
         if self.current is not None and self.strategy != "finetune":
             orth = self.orth_weight if self.strategy == "o-lora" and PAST in self.past else 0.0
-            for layer in lora_layers(self.model):
-                if _has(layer, self.current):
+            for layer in _peft_layers(self.model).values():
+                if _adapter(layer, self.current) is not None:
                     terms += self._layer_terms(layer, orth)
         if not terms:
             param = next(self.model.parameters())
             return torch.zeros((), dtype=reduction_dtype(param), device=param.device)
         return torch.stack(terms).sum()
 
-    def _layer_terms(self, layer: nn.Module, orth: float) -> list[Tensor]:
+    def _layer_terms(self, layer: LoRALayer, orth: float) -> list[Tensor]:
         """One layer's weighted terms of :meth:`penalty`."""
-        dtype = reduction_dtype(adapter_factors(layer, self.current)[0])
+        current = _adapter(layer, self.current)
+        dtype = reduction_dtype(current.a)
         a, b = _matrices(layer, self.current, dtype)
         terms = []
-        if orth > 0 and _has(layer, PAST):
+        if orth > 0 and _adapter(layer, PAST) is not None:
             a_past, b_past = _matrices(layer, PAST, dtype)
             products = (([a_past @ a.T] if "A" in self.orth_side else [])
                         + ([b_past.T @ b] if "B" in self.orth_side else []))
@@ -313,7 +324,7 @@ class ContinualLoRA:
         if self.l2_weight > 0:  # ‖·‖ of each tensor, as O-LoRA's torch.norm(param, p=2)
             terms.append(self.l2_weight * (torch.linalg.vector_norm(a) + torch.linalg.vector_norm(b)))
         if self.l1_weight > 0:  # N-LoRA: ℓ1 of the task's update ΔW = s·BA, not of the factors
-            terms.append(self.l1_weight * update_l1(a, b, float(layer.scaling[self.current])))
+            terms.append(self.l1_weight * update_l1(a, b, float(current.scaling)))
         return terms
 
     # ------------------------------------------------------------------ merge
@@ -351,12 +362,11 @@ class ContinualLoRA:
 
         names = [n for n in (*self.past, self.current) if n is not None]
         folded = {}
-        for key, layer in self._named_layers().items():
-            pairs = [adapter_factors(layer, n) for n in names if _has(layer, n)]
-            scales = [float(layer.scaling[n]) for n in names if _has(layer, n)]
-            if pairs:
-                folded[key] = (torch.cat([a for a, _ in pairs], 0),
-                               torch.cat([b * s for (_, b), s in zip(pairs, scales)], 1))
+        for key, layer in _peft_layers(self.model).items():
+            parts = [a for a in (_adapter(layer, n) for n in names) if a is not None]
+            if parts:  # the tensors as stored (a convolution's kernels, an embedding's parameters)
+                folded[key] = (torch.cat([p.a for p in parts], 0),
+                               torch.cat([p.b * float(p.scaling) for p in parts], 1))
         for n in names:
             self.model.delete_adapter(n)
         # One rank per layer (rank_pattern) and α = r (scaling 1); escaped full keys, longest first, so a
@@ -368,11 +378,11 @@ class ContinualLoRA:
                             target_modules="^(?:" + "|".join(ranks) + ")$", lora_dropout=self.config.lora_dropout,
                             fan_in_fan_out=self.config.fan_in_fan_out)
         self._add_adapter(PAST, config)
-        layers = self._named_layers()
+        layers = _peft_layers(self.model)
         for key, (a, b) in folded.items():
-            a_dst, b_dst = adapter_factors(layers[key], PAST)
-            a_dst.copy_(a)
-            b_dst.copy_(b)
+            past = _adapter(layers[key], PAST)
+            past.a.copy_(a)
+            past.b.copy_(b)
 
     def _activate(self) -> None:
         """Past and current adapters active (the forward sums them), only the trainable ones with grad."""

@@ -33,6 +33,7 @@ from ..experiment import (RUN_DIAGNOSTIC_OPTIONS, _cross_entropy, build_model, d
                           logits, steps_per_epoch, train_model)
 from ..core.validation import check
 from ..diagnostics import top_eigenvalues
+from ..lora import lora_layers
 from .adapters import STRATEGIES, ContinualLoRA
 from .metrics import _jsonable, continual_metrics
 from .tasks import ContinualTask, TaskSequence, load_sequence
@@ -155,10 +156,11 @@ def evaluate_task(model: nn.Module, task: ContinualTask, classes_mask: Optional[
 
 
 def default_trainable(model: nn.Module) -> list[str]:
-    """The classification head: the last ``nn.Linear`` module of the model (``classifier`` of a
-    Hugging Face classifier, ``head`` of our CNNs)."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name
-              and not name.endswith("base_layer")]
+    """The classification head: the last ``nn.Linear`` module of the model that is not part of a
+    LoRA layer (``classifier`` of a Hugging Face classifier, ``head`` of our CNNs)."""
+    inside = {id(m) for layer in lora_layers(model) for m in layer.module.modules()}
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside
+              and "lora_" not in name and not name.endswith("base_layer")]
     check("continual.trainable", bool(linear), None,
           "the modules to train in every task (the model has no nn.Linear head to take by default)")
     return [linear[-1]]

@@ -108,6 +108,16 @@ class Perturbation:
     def check_ascent(self, ascent) -> None:
         """Refuse (``ValueError``) an ascent chain this perturbation cannot follow; by default any."""
 
+    def trigger_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """The clean gradients an adaptive trigger measures (``‖g‖²``): the scoped ones by default."""
+        return grads
+
+    def clean_context(self, opt) -> Optional[Callable[[], ContextManager]]:
+        """A context the clean pass runs in, for gradients only that pass gives (those of frozen
+        weights, for a support on them), or None. Only the closure form and ``TrainStep`` run the
+        clean pass themselves: the explicit form refuses a perturbation that has one."""
+        return None
+
     def points(self, ctx: PerturbationContext) -> Generator[Point, Outcome, None]:
         """Yield the step's points, receiving each pass's :class:`Outcome`."""
         return

@@ -49,7 +49,8 @@ class PlanDriver:
         commits: list = []
         if fire is None:
             params, _ = self.scoped_params(with_grad=True)
-            fire, commit = self.trigger.after(step, lambda: F.global_norm([p.grad for p in params]) ** 2)
+            grads = self.perturbation.trigger_grads([p.grad for p in params])
+            fire, commit = self.trigger.after(step, lambda: F.global_norm(grads) ** 2)
             commits.append(commit)
         if not fire:
             self.combination.off_step(self, self.all_params_with_grad())
@@ -102,7 +103,9 @@ class PlanDriver:
         try:
             if request.backward:
                 self._null_grads()
-            clean_loss = runner(request)
+            context = self.perturbation.clean_context(self) if request.role == "clean" else None
+            with context() if context is not None else contextlib.nullcontext():
+                clean_loss = runner(request)
             self._advance(clean_loss)
             while self._request is not None:
                 if self._request.backward:
@@ -156,6 +159,11 @@ class PlanDriver:
             if _amp.enabled(scaler):
                 check("scaler", scaler._scale is not None, "a GradScaler that has not scaled a loss yet",
                       "the GradScaler of this step's scaler.scale(loss).backward()")
+            if self.perturbation.clean_context(self) is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__} on this support reads gradients of frozen weights in the clean pass, "
+                    "which it must run itself: use step(closure) or flatminima.TrainStep, not perturbed()/"
+                    "perturbations() after your own backward")
             request = self._start()
             self._explicit = True
             if _amp.enabled(scaler):

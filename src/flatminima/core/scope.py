@@ -11,7 +11,22 @@ from torch import Tensor
 from .validation import check
 
 
-ScopeSpec = Union[None, Iterable[Tensor], Callable[[Tensor], bool]]
+class SupportScope:
+    """A scope that also says *where* the perturbation lives: on some of the trained tensors
+    (moved in place, as any scope) and on tensors the optimizer does not hold, which it puts at
+    ``w + ε`` functionally (the LoRA supports of :func:`flatminima.lora.support`). The optimizer
+    asks it for its trained tensors and lets it wrap the method's perturbation."""
+
+    def parameters(self) -> list[Tensor]:
+        """The trained tensors it moves in place (possibly none)."""
+        raise NotImplementedError
+
+    def wrap(self, perturbation):
+        """The method's perturbation, made to act on this support."""
+        raise NotImplementedError
+
+
+ScopeSpec = Union[None, Iterable[Tensor], Callable[[Tensor], bool], SupportScope]
 
 
 def params_by_name(model: torch.nn.Module, include: Optional[str] = None, exclude: Optional[str] = None) -> list[Tensor]:

@@ -35,7 +35,7 @@ from .passes import Pass, Plan
 from .perturb import NoPerturbation, Perturbation
 from .plan import PlanDriver, closure_runner
 from .schedules import Always, Trigger, derive_seed, strength_schedule
-from .scope import ScopeSpec, tensor_predicate
+from .scope import ScopeSpec, SupportScope, tensor_predicate
 from .statistics import StatisticsTracker
 from .validation import check, check_int, check_nonnegative
 
@@ -79,12 +79,19 @@ class FlatOptimizer(PlanDriver, StatisticsTracker, torch.optim.Optimizer):
         check("sync_perturbation", isinstance(sync_perturbation, bool), sync_perturbation, "True or False")
         check("foreach", foreach is None or isinstance(foreach, bool), foreach, "None, True or False")
         sched = strength_schedule(schedule, total_steps)
+        perturbation_ = perturbation or NoPerturbation()
+        support = scope if isinstance(scope, SupportScope) else None
+        if support is not None:  # it validated itself; its in-place part may be empty (ε on frozen weights only)
+            scope = support.parameters()
+            held = {id(p) for g in base.param_groups for p in g["params"]}
+            check("scope", all(id(p) in held for p in scope), "a support moving tensors the base optimizer does not hold",
+                  "a support whose trained tensors are all in the base optimizer's param_groups")
+            perturbation_ = support.wrap(perturbation_)
         predicate = tensor_predicate("scope", scope)
-        if predicate is not None:
+        if predicate is not None and support is None:
             matched = any(predicate(p) for g in base.param_groups for p in g["params"])
             check("scope", matched, scope if isinstance(scope, str) else type(scope).__name__,
                   "a scope that selects at least one parameter of the base optimizer")
-        perturbation_ = perturbation or NoPerturbation()
         links = tuple(ascent.links if isinstance(ascent, Ascent) else (ascent or ()))
         check("ascent", all(isinstance(link, AscentLink) for link in links), type(ascent).__name__,
               "None, an Ascent or a sequence of AscentLink")

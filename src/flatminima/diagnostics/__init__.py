@@ -1,8 +1,10 @@
 """Diagnostics: is this minimum flat? Free functions that take
 ``(model, loss_fn, data)`` and return plain results; none of them writes the model (see
-:mod:`flatminima.diagnostics.objective`). Figures: :mod:`flatminima.diagnostics.plots`
-(matplotlib, imported on use)."""
+:mod:`flatminima.diagnostics.objective`; :func:`regauge_` is the one tool here that does: it
+applies a LoRA gauge transform in place, undone bitwise by its result's ``restore()``).
+Figures: :mod:`flatminima.diagnostics.plots` (matplotlib, imported on use)."""
 
+from .gauge import AdapterGauge, Gauge, GaugePoint, LoRAGauge, lora_gauge, regauge_, regauged
 from .hessian import (BatchEigenvalues, CurvatureOperator, Eigenvalues, SpectralDensity, Trace, batch_top_eigenvalues,
                       hessian_trace, hvp, power_iteration, spectral_density, top_eigenvalues)
 from .landscape import (Interpolation, Landscape, filter_normalize, filter_normalized_direction, interpolate,
@@ -15,6 +17,7 @@ from .report import report
 from .training import TrainingLog
 
 __all__ = [
+    "AdapterGauge", "Gauge", "GaugePoint", "LoRAGauge", "lora_gauge", "regauge_", "regauged",
     "BatchEigenvalues", "CurvatureOperator", "Eigenvalues", "SpectralDensity", "Trace", "batch_top_eigenvalues",
     "hessian_trace", "hvp", "power_iteration", "report", "spectral_density", "top_eigenvalues",
     "AverageSharpness", "Interpolation", "Landscape", "MSharpness", "Objective", "PerturbationCurve",

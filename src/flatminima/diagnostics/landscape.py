@@ -14,9 +14,11 @@
   (accuracy) on the same grid optionally.
 * **Spaces**: any parameter choice of :class:`~.objective.Objective` (``params``:
   trainable, ``"lora"`` for the LoRA factors only, ``"all"``, ...), or ``merged=True``: the merged
-  weight ``W' = W0 + s·BA`` of every PEFT LoRA layer, the direction normalized on the filters of
-  ``W'`` and applied as ``W0 + α·d`` by functional substitution of the frozen ``base_layer.weight``
-  (``W0 + α·d + s·BA = W' + α·d``): the model is never written. A factor whose filters are all
+  weight ``W' = W0 + Σ_active s·P(BA)`` of every LoRA layer (any layer
+  :func:`flatminima.lora.lora_layers` reads: PEFT's, a fused ``qkv``'s :class:`~flatminima.lora.QKVLoRA`,
+  registered classes), the direction normalized on the filters of ``W'`` and applied as ``W0 + α·d``
+  by functional substitution of the frozen base weight ``W0`` (``W0 + α·d + ΔW = W' + α·d``): the
+  model is never written. A factor whose filters are all
   zero (PEFT initialises ``B = 0``) gets a zero direction: filter normalization gives it nothing to
   scale by, so at initialisation look at the merged space or use explicit ``directions``.
 * **Interpolation** (Goodfellow et al. 2015): ``θ(t) = (1 − t)·θ_a + t·θ_b`` between two models or a
@@ -39,7 +41,8 @@ from torch import Tensor, nn
 
 from ..core.kernels import TINY, global_norm, reduction_dtype
 from ..core.validation import check, check_bool
-from ..lora import lora_layers, merged_weight
+from ..lora import merged_weight, require_lora_layers
+from ..lora.layers import require_plain
 from .objective import LossFn, Objective, ParamSpec, select_params
 from .robustness import MetricFn, _check_metric, evaluate
 from .sharpness import Result, _plain, gaussian, generator, shifted
@@ -121,9 +124,9 @@ def _space(model: nn.Module, params: ParamSpec, merged: bool) -> tuple[list[Tens
         return tensors, [t.detach() for t in tensors], label
     check("params", params is None, params, "None with merged=True (the space is the LoRA layers' merged weights)")
 
-    layers = lora_layers(model)
-    check("model", bool(layers), type(model).__name__, "a PEFT model with LoRA layers (merged=True)")
-    by_id = {id(layer.get_base_layer().weight): layer for layer in layers}
+    layers = require_lora_layers(model, "merged=True")
+    require_plain(layers, "model", "merged=True")
+    by_id = {id(layer.weight): layer for layer in layers}
     _, tensors = select_params(model, lambda name, p: id(p) in by_id)
     return tensors, [merged_weight(by_id[id(p)]) for p in tensors], "merged"
 

@@ -7,10 +7,11 @@ writes the user's model.
 * ``data`` is one batch or an iterable of batches (a ``DataLoader``, a list of batches); batches
   are weighted by their size (the leading dimension of their first tensor).
 * ``params`` chooses the subspace: ``None``/``"trainable"`` (the parameters that require grad),
-  ``"all"`` (every floating-point parameter, frozen ones included), ``"lora"`` (the PEFT LoRA
-  factors, :func:`flatminima.lora.lora_parameters`), a submodule, an iterable of parameters, a
-  predicate ``(name, param) -> bool``, or any other string as a regular expression on the
-  parameters' qualified names.
+  ``"all"`` (every floating-point parameter, frozen ones included), ``"lora"`` (A and B of the active
+  adapters of every LoRA layer :func:`flatminima.lora.lora_layers` reads: PEFT's,
+  :class:`~flatminima.lora.QKVLoRA`, registered classes; :func:`flatminima.lora.lora_parameters`), a
+  submodule, an iterable of parameters, a predicate ``(name, param) -> bool``, or any other string
+  as a regular expression on the parameters' qualified names.
 * ``mode``: ``"eval"`` (default: dropout off, BatchNorm on running statistics), ``"train"``
   (BatchNorm on batch statistics, dropout with a fixed seed, so the objective is one deterministic
   function), or ``"as_is"``. The modules' own ``training`` flags are put back afterwards, and in

@@ -18,6 +18,7 @@ from .._extras import require
 from ..core.validation import (check, check_choice, check_int, check_nonnegative, check_positive, check_range,
                                is_int)
 from ..data import available_tasks, task_loader
+from ..lora import support_from_spec
 from .models import MODEL_OPTION_CHECKS, MODELS, _dummy_lora_model, available_models
 
 
@@ -245,10 +246,14 @@ class ExperimentConfig:
         try:
             name = _methods.get(settings.get("method", label)).method_name  # canonical: "sgd" -> "base"
             _check_base_settings(base)
-            if _methods.needs_model(name):  # the runner passes its model; validate on a one-layer LoRA model
+            checked = {k: v for k, v in hyper.items() if k != "support"}
+            if _methods.needs_model(name) or "support" in hyper:  # validate on a one-layer LoRA model
                 dummy_model = _dummy_lora_model()
                 dummy = torch.optim.SGD([p for p in dummy_model.parameters() if p.requires_grad], lr=0.1)
-                _methods.create(name, dummy, model=dummy_model, **{"total_steps": 1, **hyper})
+                extra = {"model": dummy_model} if _methods.needs_model(name) else {}
+                if "support" in hyper:
+                    extra["scope"] = support_from_spec(dummy_model, hyper["support"])
+                _methods.create(name, dummy, **{"total_steps": 1, **extra, **checked})
             else:
                 dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
                 _methods.create(name, dummy, **{"total_steps": 1, **hyper})

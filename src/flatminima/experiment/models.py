@@ -15,6 +15,7 @@ from ..core.registry import Registry
 from ..core.validation import check, check_bool, check_int, check_positive, check_range, is_int
 from ..data import Dataset, minilm_path
 from ..models import MLP, ResNet, SmallCNN, resnet18_cifar
+from ..vit import vit_lora
 
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -84,6 +85,41 @@ def _efficientnet_lite0_lora(data: Dataset, image_size: int = 64, r: int = 4, al
     return model
 
 
+@register_model("vit_lora")
+def _vit_lora(data: Dataset, patch_size: int = 2, dim: int = 32, depth: int = 2, heads: int = 2, r: int = 4,
+              alpha: float = 8.0, targets: str = "qv", lora_blocks: Sequence[int] | None = None,
+              checkpoint: str | None = None) -> nn.Module:
+    """A small ViT on the task's own images (:class:`~flatminima.vit.VisionTransformer`, timm's
+    layout; ``patch_size`` must divide their side; ``dim`` wide, ``depth`` blocks, ``heads``
+    heads), its backbone frozen (at its seeded initialization, or the weights of ``checkpoint``:
+    a local file or ``"hf-cache"``), with :class:`~flatminima.lora.QKVLoRA` of rank ``r`` on the
+    ``targets`` of the fused ``qkv`` of every block (or of the block indices ``lora_blocks``); the
+    LoRA factors and the head train. Always our ViT, timm installed or not, so results do not
+    depend on the environment."""
+    channels, height, width = data.input_shape
+    check("data", height == width, data.input_shape, "square images (channels, side, side)")
+    check("model_options.patch_size", height % patch_size == 0, patch_size, f"a divisor of the image side {height}")
+    sizes = {"image_size": height, "patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads,
+             "in_channels": channels}
+    return vit_lora(data.num_classes, sizes, r, alpha, targets, lora_blocks, checkpoint, backend="flatminima")
+
+
+def _check_lora_blocks(name: str, blocks: Any) -> None:
+    check(name, blocks is None or (isinstance(blocks, (list, tuple)) and len(blocks) > 0
+                                   and all(is_int(b) and b >= 0 for b in blocks) and len(set(blocks)) == len(blocks)),
+          blocks, "None (every block) or a non-empty list of distinct block indices >= 0")
+
+
+def _check_targets(name: str, targets: Any) -> None:
+    check(name, isinstance(targets, str) and targets != "" and set(targets) <= set("qkv")
+          and len(set(targets)) == len(targets), targets, "distinct letters of 'qkv', e.g. 'qv'")
+
+
+def _check_checkpoint(name: str, checkpoint: Any) -> None:
+    check(name, checkpoint is None or (isinstance(checkpoint, str) and checkpoint != ""), checkpoint,
+          "None, 'hf-cache' or the path of a .safetensors, .bin, .pth or .pt file")
+
+
 def lora_classifier(backbone: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                     target_modules: Sequence[str] = ("query", "value"), save_head: bool = True) -> nn.Module:
     """``backbone`` (a Hugging Face sequence classifier) wrapped with a PEFT LoRA adapter on
@@ -132,7 +168,10 @@ MODEL_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "hidden": lambda n, v: check_int(n, v, 1), "depth": lambda n, v: check_int(n, v, 0),
     "width": lambda n, v: check_int(n, v, 1), "blocks": _check_blocks, "r": lambda n, v: check_int(n, v, 1),
     "alpha": check_positive, "dropout": lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True),
-    "image_size": lambda n, v: check_int(n, v, 32), "save_head": check_bool, "pretrained": check_bool}
+    "image_size": lambda n, v: check_int(n, v, 32), "save_head": check_bool, "pretrained": check_bool,
+    "patch_size": lambda n, v: check_int(n, v, 1), "dim": lambda n, v: check_int(n, v, 1),
+    "heads": lambda n, v: check_int(n, v, 1), "targets": _check_targets, "lora_blocks": _check_lora_blocks,
+    "checkpoint": _check_checkpoint}
 
 
 @functools.lru_cache(maxsize=1)

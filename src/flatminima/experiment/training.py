@@ -20,6 +20,7 @@ from .. import methods as _methods
 from ..core.validation import check
 from ..data import Dataset, Inputs, take
 from ..engine import TrainStep
+from ..lora import support_from_spec
 from .config import RUN_DIAGNOSTIC_OPTIONS, ExperimentConfig, batch_groups
 from .models import build_model
 
@@ -177,6 +178,9 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
     total = per_epoch * config.epochs
     base = _base_optimizer([p for p in model.parameters() if p.requires_grad], base_settings)
     extra = {"model": model} if _methods.needs_model(name) else {}
+    hyper = dict(hyper)
+    if "support" in hyper:  # where the perturbation lives (a LoRA support), as the method's scope
+        extra["scope"] = support_from_spec(model, hyper.pop("support"))
     opt = _methods.create(name, base, **{"seed": seed if method_seed is None else method_seed, "total_steps": total,
                                          **extra, **hyper})
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None

@@ -25,8 +25,12 @@ def _ramp(total_steps: Optional[int], schedule):
 class FlatLoRA(FlatOptimizer):
     """Flat-LoRA (Li et al., 2024): the Bayes objective ``E_ε L(W0 + s·BA + ε)`` on the merged
     weight, ``ε_{ij} ~ N(0, ρ_t²‖W'_{i,:}‖²/n_in)``, ``ρ_t = ρ·½(1 − cos(πt/T))`` over
-    ``total_steps = T`` (constant ρ without T). ``model`` is the PEFT model whose LoRA parameters
-    the base optimizer trains. The frozen base weights are never written (bit-identical after any
+    ``total_steps = T`` (constant ρ without T), ``W' = W0 + Σ_active s·P(BA)`` the weight a LoRA layer
+    computes with. ``model``: the model whose LoRA factors the base optimizer trains; its LoRA layers
+    are those :func:`~flatminima.lora.lora_layers` reads (PEFT's ``LoraLayer``,
+    :class:`~flatminima.lora.QKVLoRA` with its Q/V slices of a fused ``qkv``, the classes registered with
+    :func:`~flatminima.lora.register_lora_layer`). Refused: LoRA variants (DoRA, a LoRA bias, grouped
+    convolutions) and base weights that require grad. The frozen base weights are never written (bit-identical after any
     number of steps, bf16 included) and no weight-sized buffer is kept. Cost: 1 fb (+ the noise,
     made twice per layer: forward and backward).
 
@@ -50,8 +54,9 @@ class FlatLoRA(FlatOptimizer):
 
 class SAMLoRA(SAM):
     """SAM on the LoRA factors: ``ε_A = ρ·g_A/‖g_A‖``, ``ε_B = ρ·g_B/‖g_B‖`` for every
-    A and B (``normalization="per_tensor"``; ``"global"`` normalizes them together), of ``adapter``
-    (default: the active adapters). Cost: 2 fb."""
+    A and B (``normalization="per_tensor"``; ``"global"`` normalizes them together), of the adapters
+    called ``adapter`` (default: the active ones) of every LoRA layer of ``model``
+    (:func:`~flatminima.lora.lora_parameters`). Cost: 2 fb."""
 
     def __init__(self, base, model: nn.Module, rho: float = 0.05, norm=2, normalization: str = "per_tensor",
                  adapter: Optional[str] = None, **common):

@@ -1,7 +1,8 @@
 """Random perturbation of the merged LoRA weight without touching the frozen base (Flat-LoRA).
 
-Flat-LoRA (Li et al., 2024) perturbs the *merged* weight ``W' = W0 + s·BA`` of every
-LoRA layer: ``ε = σ·Z ⊙ S`` with ``S_i = ‖W'_{i,:}‖₂/√n_in`` per output row. Adding ε to ``W0`` in
+Flat-LoRA (Li et al., 2024) perturbs the *merged* weight ``W' = W0 + Σ_active s·P(BA)`` of every
+LoRA layer (read through the LoRA protocol, :mod:`flatminima.lora.protocol`): ``ε = σ·Z ⊙ S`` with
+``S_i = ‖W'_{i,:}‖₂/√n_in`` per output row. Adding ε to ``W0`` in
 place and subtracting it afterwards drifts a bf16 base weight step after step, and keeping a copy
 doubles the model. Here the base weight is never written: while the perturbed pass runs, the base
 layer computes with a *noisy weight* ``W0 + ε`` built from a per-step seed in its forward, and built
@@ -14,7 +15,7 @@ noisy weight comes from one fused Triton kernel (Philox noise scaled by the row 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,9 @@ from . import triton as _triton
 from ..core.passes import Pass
 from ..core.perturb import Perturbation, PerturbationContext, Point
 from ..core.validation import check, check_bool, check_choice
-from .layers import ROW_SCALES, base_layer, frozen_layers, lora_layers, resolved_row_scale
+from .functional import PatchedForward, forward_with_weight
+from .layers import ROW_SCALES, base_module, frozen_layers, refreshed, require_plain, resolved_row_scale
+from .protocol import LoRALayer, require_lora_layers
 
 
 def layer_noise(seed: int, row_scale: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -50,36 +53,11 @@ def noisy_weight(weight: Tensor, row_scale: Tensor, seed: int, dtype: Optional[t
     return layer_noise(seed, row_scale, tuple(weight.shape), row_scale.dtype).add_(weight).to(dtype)
 
 
-class _RegeneratedWeight:
-    """Saved-tensor hooks around one layer's op: the noisy weight (or a view of it) that autograd
-    would keep for the backward is replaced by its recipe (dtype and view geometry) and rebuilt from
-    the seed when the backward unpacks it, so no weight-sized tensor lives between the forward and
-    the backward; every other saved tensor passes through. The backward itself is PyTorch's own
-    (linear, convolution, embedding), so biases, padding modes and autocast behave as usual. Saved
-    tensors of this one op bypass saved-tensor hooks a user installs around the model."""
-
-    def __init__(self, weight: Tensor, scale: Tensor, seed: int, kernel: str):
-        self.weight, self.scale, self.seed, self.kernel = weight, scale, seed, kernel
-        self.noisy: Optional[Tensor] = None
-
-    def pack(self, t: Tensor) -> Any:
-        noisy = self.noisy
-        if noisy is not None and (t is noisy or t.untyped_storage().data_ptr() == noisy.untyped_storage().data_ptr()):
-            return (t.dtype, t.size(), t.stride(), t.storage_offset())
-        return t
-
-    def unpack(self, packed: Any) -> Tensor:
-        if isinstance(packed, tuple):
-            dtype, size, stride, offset = packed
-            return noisy_weight(self.weight, self.scale, self.seed, dtype, self.kernel).as_strided(size, stride, offset)
-        return packed
-
-
 class _NoisyForward:
     """A base layer's forward during the perturbed pass: the layer class's own forward (a
     subclass's too: EfficientNet's static same-padding convolution pads before its conv) with
     ``W + ε`` in the weight's slot for this call only, built from ``seed`` in the forward and again
-    in the backward (:class:`_RegeneratedWeight`); ``W`` is never written.
+    in the backward (:class:`~flatminima.lora.functional.RebuiltWeight`); ``W`` is never written.
 
     ``W`` is read when the forward runs and the row scale is computed at the pass's first forward
     (then held for its other micro-batches): under FSDP2 that is when the layer's weight is whole
@@ -103,38 +81,22 @@ class _NoisyForward:
             with torch.no_grad(), (torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext()):
                 self.scale = resolved_row_scale(self.layer, base, self.sigma, self.noise).reshape(-1)
         dtype = torch.get_autocast_dtype(device) if autocast and not self.embedding else weight.dtype
-        recipe = _RegeneratedWeight(weight, self.scale, self.seed, self.kernel)
-        recipe.noisy = noisy_weight(weight, self.scale, self.seed, dtype, self.kernel)
-        params = base._parameters
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(recipe.pack, recipe.unpack):
-                params["weight"] = recipe.noisy
-                return self.class_forward(base, x)
-        finally:
-            params["weight"] = weight
-            recipe.noisy = None
-
-
-class _Patched:
-    """Replace ``module.forward`` for the duration of a pass and put back exactly what was there."""
-
-    def __init__(self, module: nn.Module, forward: Callable[..., Tensor]):
-        self.module, self.saved = module, module.__dict__.get("forward")
-        module.forward = forward
-
-    def undo(self) -> None:
-        if self.saved is None:
-            del self.module.forward
-        else:
-            self.module.forward = self.saved
+        scale, seed, kernel = self.scale, self.seed, self.kernel
+        noisy = noisy_weight(weight, scale, seed, dtype, kernel)
+        return forward_with_weight(base, self.class_forward, noisy,
+                                   lambda dt: noisy_weight(weight, scale, seed, dt, kernel), x)
 
 
 class MergedWeightNoise(Perturbation):
-    """Noise on the merged weight of every LoRA layer of ``model`` (and, with ``whole_model``, on
-    every other frozen linear, convolution and embedding layer), applied functionally (see the
-    module docstring) with a row-wise scale ``noise`` (:data:`ROW_SCALES`); one draw per optimizer
-    step, held over all micro-batches of the step, seeded by (seed, step, rank, layer index).
-    ``kernel``: ``"auto"`` (the fused Triton kernel on CUDA), ``"triton"`` or ``"torch"``."""
+    """Noise on the merged weight ``W' = W0 + Σ_active s·P(BA)`` of every LoRA layer of ``model``
+    (any layer :func:`~flatminima.lora.lora_layers` reads: PEFT, :class:`~flatminima.lora.QKVLoRA`,
+    registered classes) and, with ``whole_model``, on every other frozen linear, convolution and
+    embedding layer, applied functionally (see the module docstring) with a row-wise scale ``noise``
+    (:data:`ROW_SCALES`) of ``W'``; one draw per optimizer step, held over all micro-batches of the
+    step, seeded by (seed, step, rank, layer index). Each pass reads the LoRA layers again, so
+    adapters added, merged or disabled between steps are followed. ``kernel``: ``"auto"`` (the
+    fused Triton kernel on CUDA), ``"triton"`` or ``"torch"``. Refused: a LoRA variant (DoRA, a LoRA
+    bias, a grouped convolution) and a base weight that requires grad."""
 
     needs_clean_pass = False
     needs_clean_grad = False
@@ -146,16 +108,15 @@ class MergedWeightNoise(Perturbation):
         check_choice("noise", noise, ROW_SCALES)
         check_bool("whole_model", whole_model)
         check_choice("kernel", kernel, KERNELS)
-        check("model", bool(lora_layers(model)), type(model).__name__,
-              "a PEFT model with LoRA layers on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding modules")
+        require_lora_layers(model, "the merged-weight noise")
         self.noise, self.whole_model, self.kernel = noise, whole_model, kernel
         self.layers = frozen_layers(model, whole_model)
-        self.bases = [base_layer(layer) for layer in self.layers]
+        self.bases = [base_module(layer) for layer in self.layers]
+        require_plain(self.layers, "model", "the merged-weight noise")
         for layer, base in zip(self.layers, self.bases):
-            check("model", not base.weight.requires_grad, "a trainable base weight",
+            where = f" ({layer.name})" if isinstance(layer, LoRALayer) and layer.name else ""
+            check("model", not base.weight.requires_grad, f"a trainable base weight{where}",
                   "frozen base weights (the noise is applied functionally to frozen weights only)")
-            check("model", not getattr(layer, "lora_variant", None), "a LoRA variant (DoRA)",
-                  "plain LoRA adapters (the merged weight of a variant is not W0 + s·BA)")
 
     def __repr__(self) -> str:
         return (f"MergedWeightNoise({len(self.layers)} layers, noise={self.noise!r}, whole_model={self.whole_model}, "
@@ -173,8 +134,9 @@ class MergedWeightNoise(Perturbation):
         patches = []
         try:
             for i, (layer, base) in enumerate(zip(self.layers, self.bases)):
+                layer = refreshed(layer)  # the adapters as the layer computes now
                 forward = _NoisyForward(layer, base, sigma, self.noise, opt.rng_seed(stream=i), self.kernel)
-                patches.append(_Patched(base, forward))
+                patches.append(PatchedForward(base, forward))
             yield
         finally:
             for patch in reversed(patches):

@@ -87,7 +87,7 @@ from .spectrum import hessian_trace, spectral_density
 
 # The private helpers stay importable from here, as before the split.
 from .blocks import _blocks, _check_setup, _run  # noqa: F401
-from .eigenvalues import _lanczos_top, _power  # noqa: F401
+from .eigenvalues import lanczos_top, _power  # noqa: F401
 from .krylov import (_Basis, _bounds, _Flat, _generator, _lanczos, _thick_restart_lanczos, _tridiagonal,  # noqa: F401
                      _unit, _wanted)
 from .operator import (_DB, _DETECTED, _FD, _FOR, _fd_step, _grad, _gradient, _leaves,  # noqa: F401

@@ -21,9 +21,11 @@ from .results import BatchEigenvalues, Eigenvalues
 WHICH = ("LA", "LM")
 
 
-def _lanczos_top(op: CurvatureOperator, k: int, which: str, tol: float, max_iter: Optional[int],
-                 max_vectors: Optional[int], eigenvectors: bool, bound: str = "eigenvalue",
-                 offload: Optional[bool] = None) -> Eigenvalues:
+def lanczos_top(op: CurvatureOperator, k: int, which: str, tol: float, max_iter: Optional[int],
+                max_vectors: Optional[int], eigenvectors: bool, bound: str = "eigenvalue",
+                offload: Optional[bool] = None) -> Eigenvalues:
+    """The ``k`` extreme eigenvalues (``which``: ``"LA"`` largest, ``"SA"`` smallest, ``"LM"`` largest
+    in magnitude) of the curvature operator ``op`` by (thick-restart) Lanczos, to ``tol`` by ``bound``."""
     flat = _Flat(op.objective.params)
     check("k", k <= flat.n, k, f"an int <= {flat.n} (the number of chosen parameters)")
     steps = min(flat.n, max(64, 10 * k)) if max_iter is None else min(max_iter, flat.n)
@@ -156,7 +158,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: i
     if max_vectors is not None:
         check_int("max_vectors", max_vectors, 1)
     return _run(model, loss_fn, data, params, blocks, mode, seed, curvature, method, outputs_fn, criterion,
-                lambda op: _lanczos_top(op, k, which, tol, max_iter, max_vectors, bool(eigenvectors), bound,
+                lambda op: lanczos_top(op, k, which, tol, max_iter, max_vectors, bool(eigenvectors), bound,
                                         offload), distributed)
 
 
@@ -203,7 +205,7 @@ def batch_top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any
         op = CurvatureOperator(objective, curvature, method, outputs_fn, criterion)
         with objective.session():
             try:
-                result = _lanczos_top(op, 1, which, tol, max_iter, max_vectors, False)
+                result = lanczos_top(op, 1, which, tol, max_iter, max_vectors, False)
             finally:
                 op.release()
         method = result.method  # detected once, then reused for every batch
