@@ -8,7 +8,10 @@ of the method on ``engine.module`` and hands the descent gradient to DeepSpeed's
 (reduction, fp32 master partitions, clipping). Every rank takes its share of each global batch; with
 ``--check`` the same micro-batches are replayed with ``fm.TrainStep`` on a DDP-wrapped copy (the
 semantics ZeRO-1/2 follow here) and the largest weight difference is printed (exit status 1 above
-``--tolerance``).
+``--tolerance``). Every method runs: LPF-SGD draws one noise per micro-batch of the window
+(``samples = --accumulation``), WSAM is coupled (``decouple=False``: a decoupled update written after
+DeepSpeed's step would be undone by its master weights), and the LoRA methods (``flatlora``,
+``samlora``) train PEFT LoRA adapters (r 4) on the MLP, its base frozen; ``--hyper`` overrides these.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 import flatminima as fm
 from flatminima.data import load_task
 from flatminima.integrations.deepspeed import DeepSpeedStep
+from flatminima.methods import needs_model
 from flatminima.models import MLP
 
 
@@ -50,17 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = load_task("digits")
 
+    hyper = dict(args.hyper)
+    accepted = fm.hyperparameters(args.method)
+    if "samples" in accepted:
+        hyper.setdefault("samples", args.accumulation)
+    if "decouple" in accepted:
+        hyper.setdefault("decouple", False)
+
     def model() -> nn.Module:
         torch.manual_seed(0)
-        return MLP(data.x_train[0].numel(), data.num_classes, hidden=32)
+        net = MLP(data.x_train[0].numel(), data.num_classes, hidden=32)
+        if needs_model(args.method):
+            from peft import LoraConfig, get_peft_model  # the hf extra
+
+            targets = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+            net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        return net
+
+    def trainable(net: nn.Module) -> list[nn.Parameter]:
+        return [p for p in net.parameters() if p.requires_grad]
 
     config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.accumulation,
               "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": args.zero}}
     net = model()
     engine, *_ = deepspeed.initialize(model=net, config=config,
-                                      optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01))
-    step = DeepSpeedStep(engine, args.method, loss_fn, total_steps=args.steps, **args.hyper)
+                                      optimizer=torch.optim.AdamW(trainable(net), lr=1e-2, weight_decay=0.01))
+    step = DeepSpeedStep(engine, args.method, loss_fn, total_steps=args.steps, **hyper)
 
     def windows():  # rank r takes rows r, r + W, ... of each global micro-batch
         rows = args.micro_batch * world
@@ -77,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ref = model()
     ddp = nn.parallel.DistributedDataParallel(ref, gradient_as_bucket_view=False)
-    opt = fm.create(args.method, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01),
-                    total_steps=args.steps, **args.hyper)
+    extra = {"model": ref} if needs_model(args.method) else {}
+    opt = fm.create(args.method, torch.optim.AdamW(trainable(ref), lr=1e-2, weight_decay=0.01),
+                    total_steps=args.steps, **extra, **hyper)
     engine_step = fm.TrainStep(ddp, opt, loss_fn, max_grad_norm=1.0)
     for window in windows():
         engine_step(window)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from flatminima import methods  # noqa: E402
 from flatminima.data import load_task, take  # noqa: E402
-from flatminima.experiment import _cross_entropy, build_model, evaluate  # noqa: E402
+from flatminima.experiment import build_model, cross_entropy, evaluate  # noqa: E402
 
 METHODS = {
     "adamw": ("base", {}),
@@ -65,7 +65,7 @@ def run(label: str, data, x_train, y_train, steps: int) -> dict:
             passes = []
 
             def closure():
-                loss = _cross_entropy(model, batch)
+                loss = cross_entropy(model, batch)
                 loss.backward()
                 passes.append({"loss": loss.item(),
                                "shift": norms({k: [p.detach() - c for p, c in zip(groups[k], clean[k])] for k in groups}),

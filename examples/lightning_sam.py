@@ -5,6 +5,8 @@
 
 The module subclasses ``FlatMinimaModule``: it writes ``compute_loss`` and builds the method with
 ``self.flat_optimizer(base)``; the Trainer runs every pass, accumulation, DDP sync and scheduling.
+LPF-SGD draws one noise per micro-batch of the window (``samples = --accumulate``); the LoRA
+methods (``flatlora``, ``samlora``) train PEFT LoRA adapters (r 8) on the MLP, its base frozen.
 """
 
 from __future__ import annotations
@@ -18,27 +20,40 @@ from torch import nn
 import flatminima as fm
 from flatminima.data import load_task
 from flatminima.integrations.lightning import FlatMinimaModule
+from flatminima.methods import needs_model
 from flatminima.models import MLP
 
 
 class DigitsClassifier(FlatMinimaModule):
     def __init__(self, method: str = "sam", accumulate: int = 2, **hyperparameters):
+        if "samples" in fm.hyperparameters(method):  # LPF-SGD: one noise draw per micro-batch
+            hyperparameters.setdefault("samples", accumulate)
         super().__init__(method, accumulate=accumulate, max_grad_norm=5.0, **hyperparameters)
         self.data = load_task("digits")
         self.net = MLP(self.data.x_train[0].numel(), self.data.num_classes, hidden=64)
+        if needs_model(method):  # the LoRA methods perturb the adapters of a LoRA model
+            from peft import LoraConfig, get_peft_model  # the hf extra
+
+            targets = [name for name, m in self.net.named_modules() if isinstance(m, nn.Linear)]
+            self.net = get_peft_model(self.net, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
 
     def compute_loss(self, batch):
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        opt = self.flat_optimizer(torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9))
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        opt = self.flat_optimizer(torch.optim.SGD(trainable, lr=0.05, momentum=0.9))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.max_epochs)
         return {"optimizer": opt, "lr_scheduler": sched}  # interval "epoch": stepped at each epoch's end
 
     def train_dataloader(self):
         data = torch.utils.data.TensorDataset(self.data.x_train, self.data.y_train)
-        return torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+        # Each epoch a fresh random draw of whole windows: a shorter last window would not split
+        # into LPF-SGD's per-micro-batch chunks.
+        window = 32 * self.accumulate
+        sampler = torch.utils.data.RandomSampler(data, num_samples=len(data) // window * window)
+        return torch.utils.data.DataLoader(data, batch_size=32, sampler=sampler)
 
     def accuracy(self) -> float:
         with torch.no_grad():

@@ -1,9 +1,11 @@
 """SAM in your own training loop, on real data (scikit-learn digits), in both forms.
 
-    python examples/own_loop.py [--method sam] [--epochs 5]
+    python examples/own_loop.py [--method sam] [--epochs 5] [--explicit]
 
 The closure form lets the method run its passes; the explicit form is for loops that own their
-passes (the pattern the HF Trainer and Accelerate integrations use).
+passes (the pattern the HF Trainer and Accelerate integrations use). The LoRA methods (``flatlora``,
+``samlora``) perturb a model's LoRA adapters: for them the MLP gets PEFT LoRA (r 8) on its linear
+layers, the base weights frozen, and the method is given the model (``model=``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from torch import nn
 
 import flatminima as fm
 from flatminima.data import load_task
+from flatminima.methods import needs_model
 from flatminima.models import MLP
+
+
+def with_lora(model: nn.Module) -> nn.Module:
+    """``model`` with PEFT LoRA (r 8, alpha 16) on every linear layer, the base frozen."""
+    from peft import LoraConfig, get_peft_model  # the hf extra: only the LoRA methods need it
+
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -28,8 +39,12 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(0)
     data = load_task("digits")
     model = MLP(data.x_train[0].numel(), data.num_classes, hidden=64)
-    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt = fm.create(args.method, base)
+    extra = {}
+    if needs_model(args.method):
+        model = with_lora(model)
+        extra["model"] = model
+    base = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    opt = fm.create(args.method, base, **extra)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
 

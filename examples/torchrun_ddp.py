@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-perturbation", action="store_true", help="one ε for all ranks")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
     parser.add_argument("--lora", action="store_true",
-                        help="LoRA (PEFT, r 4) on the linear layers, the base frozen: for Flat-LoRA and SAM-LoRA")
+                        help="LoRA (PEFT, r 4) on the linear layers, the base frozen (always for the LoRA methods, "
+                        "flatlora and samlora)")
     parser.add_argument("--hyper", type=json.loads, default={}, help='hyperparameters as JSON, e.g. \'{"rho": 0.1}\'')
     parser.add_argument("--out", help="save the final state dict here (rank 0)")
     args = parser.parse_args(argv)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_task("digits")
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = MLP(data.x_train[0].numel(), data.num_classes, hidden=32).double().to(device)
-    if args.lora:
+    if args.lora or needs_model(args.method):
         from peft import LoraConfig, get_peft_model
 
         targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -72,10 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     opt = fm.create(args.method, torch.optim.SGD(params, lr=0.05, momentum=0.9),
                     sync_perturbation=args.sync_perturbation, **extra, **args.hyper)
     step = fm.TrainStep(model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    # Methods whose passes take different batches (LPF-SGD's chunks, m-RWP with different_batches)
+    # get that many micro-batches; the others one.
+    groups = opt.perturbation.batch_count or 1
     gen = torch.Generator().manual_seed(0)
     for _ in range(args.steps):
         idx = torch.randint(0, len(data.y_train), (args.batch_size,), generator=gen)[rank::world]
-        step([(data.x_train[idx].double().to(device), data.y_train[idx].to(device))])
+        step([(data.x_train[i].double().to(device), data.y_train[i].to(device)) for i in idx.chunk(groups)])
     if args.out:
         module = model.module if distributed and not args.fsdp else model
         # FSDP2 holds DTensor shards: gather every full tensor (a collective: all ranks take part)

@@ -113,3 +113,33 @@ def test_readme_continual_block_runs():
     for key in ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting"):
         assert namespace["metrics"][key] == expected[key]
     assert accuracy[0][0] > 0.9  # the first task (digits 0 and 1) is learned
+
+
+TIMING_COLUMNS = ("time/step vs sgd", "ms/step")
+
+
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """The markdown tables of ``markdown`` as rows of cells, timing columns left out."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            header, rows = current[0], [r for r in current[1:] if not set("".join(r)) <= set("-: ")]
+            keep = [i for i, h in enumerate(header) if h not in TIMING_COLUMNS]
+            tables.append([[r[i] for i in keep] for r in [header, *rows]])
+            current = []
+    return tables
+
+
+def test_readme_quick_tables_equal_a_fresh_run(tmp_path, capsys):
+    from flatminima.cli import main
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- quick-tables -->")[1].split("<!-- /quick-tables -->")[0]
+    command = re.search(r"`flatminima run (--preset quick [^`]*) --out /tmp/quick`", text).group(1).split()
+    assert main(["run", *command, "--out", str(tmp_path / "quick"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    expected = _tables(block)
+    assert len(expected) == 2
+    assert _tables(printed)[:2] == expected

@@ -12,6 +12,7 @@ from torch import nn
 from flatminima.cli import main as cli
 from flatminima.diagnostics import accuracy, hessian
 from flatminima.diagnostics.report import DIAGNOSTICS, report
+from flatminima.experiment.report import write_diagnose_report
 
 pytest.importorskip("matplotlib")
 
@@ -47,6 +48,25 @@ def test_report_runs_every_diagnostic_writes_files_and_leaves_the_model_alone(tm
     top = hessian.top_eigenvalues(model, _loss, data, k=3, tol=1e-3)
     assert out["summary"]["lambda_max"] == pytest.approx(float(top.values[0]), rel=1e-9)
     assert out["summary"]["sharpness"] == out["results"]["sharpness"].sharpness
+    # the HTML report's sections: one per diagnostic, in run order, holding the results' own numbers
+    sections = {s["name"]: s for s in out["sections"]}
+    assert list(sections) == list(DIAGNOSTICS)
+    assert [row[1] for row in sections["hessian"]["tables"][0]["rows"]] == list(out["results"]["hessian"].values)
+    robustness = out["results"]["robustness"]
+    table = sections["robustness"]["tables"][0]
+    kinds, losses = table["columns"].index("kind"), table["columns"].index("loss")
+    assert [r[kinds] for r in table["rows"]] == ["clean"] + [r["kind"] for r in robustness.rows]
+    assert [r[losses] for r in table["rows"]] == [robustness.clean_loss] + [r["loss"] for r in robustness.rows]
+    assert dict(sections["sharpness"]["tables"][0]["rows"])["sharpness"] == out["summary"]["sharpness"]
+    for name, section in sections.items():
+        assert section["figure"] == (f"{name}.png" if name in ("density", "batch_hessian", "curve", "landscape_1d",
+                                                                "landscape_2d") else None)
+        assert section["figure"] is None or (tmp_path / section["figure"]).is_file()
+    page = write_diagnose_report(tmp_path, out, "diagnose <test>")
+    html = page.read_text(encoding="utf-8")
+    assert html.count("<section id=") == 1 + len(DIAGNOSTICS) + 1  # summary, one each, provenance
+    assert html.count("<img src=\"data:image/png;base64,") == 5 and "diagnose &lt;test&gt;" in html
+    assert "Robustness to weight corruption" in html and ">adversarial</td>" in html
 
 
 def test_report_rejects_unknown_diagnostics_and_options(tmp_path):

@@ -60,6 +60,15 @@ def test_fingerprint_follows_the_settings_that_shape_a_unit():
     assert runner.fingerprint(same, unit) == runner.fingerprint(config, unit)
     assert runner.fingerprint(other_lr, unit) != runner.fingerprint(config, unit)
     assert runner.fingerprint(other_method, unit) != runner.fingerprint(config, unit)
+    # resolved values: SAM's default rho spelled out, or a global lr the method overrides, change nothing
+    spelled = ExperimentConfig.from_dict({"methods": {**config.methods, unit.label: {"rho": 0.05, "norm": 2}}},
+                                         base=config)
+    own_lr = ExperimentConfig.from_dict({"methods": {**config.methods, unit.label: {"rho": 0.05, "lr": 0.05}}},
+                                        base=config)
+    assert runner.fingerprint(spelled, unit) == runner.fingerprint(config, unit)
+    assert runner.fingerprint(ExperimentConfig.from_dict({"lr": 0.01}, base=own_lr), unit) == \
+        runner.fingerprint(own_lr, unit) == runner.fingerprint(config, unit)
+    assert len(runner.fingerprint(config, unit)) == 64
 
 
 def _table_without_timing(out: Path) -> list[tuple]:
@@ -91,6 +100,9 @@ def test_a_killed_run_resumes_from_its_last_finished_unit(tmp_path):
 
     partial = subprocess.run(command + ["--out", str(killed), "--report-only"], env=env, capture_output=True, text=True)
     assert partial.returncode == 0 and f"{len(done)} runs (0 trained now)" in partial.stdout, partial.stderr
+    left = [u for u in ("sgd_seed0", "sam_seed0", "sgd_seed1", "sam_seed1") if f"{u}.json" not in done]
+    assert f"warning: {4 - len(done)} of 4 units are missing from these tables: {', '.join(left)}." in partial.stdout
+    assert json.loads((killed / "results.json").read_text())["unfinished"][0]["unit"] == left[0]
     assert {p.name: p.stat().st_mtime_ns for p in (killed / "runs").glob("*.json")} == done
     assert subprocess.run(command + ["--out", str(whole)], env=env, capture_output=True).returncode == 0
     resumed = subprocess.run(command + ["--out", str(killed)], env=env, capture_output=True, text=True)
@@ -99,6 +111,11 @@ def test_a_killed_run_resumes_from_its_last_finished_unit(tmp_path):
     assert f"4 runs ({4 - len(done)} trained now)" in resumed.stdout
     assert {p: (killed / "runs" / p).stat().st_mtime_ns for p in done} == done  # not trained again
     assert _table_without_timing(killed) == _table_without_timing(whole)
+    # the wall time covers both invocations: the sum of the units' own
+    results = json.loads((killed / "results.json").read_text())
+    walls = [json.loads((killed / "runs" / f"{u}.json").read_text())["provenance"]["wall_time_s"]
+             for u in ("sgd_seed0", "sam_seed0", "sgd_seed1", "sam_seed1")]
+    assert results["invocations"] == 2 and results["unit_wall_time_s"] == pytest.approx(sum(walls))
     for name in ("sgd_seed0", "sam_seed1"):
         a, b = (json.loads((out / "runs" / f"{name}.json").read_text()) for out in (whole, killed))
         assert a["curves"] == b["curves"] and a["fingerprint"] == b["fingerprint"]
@@ -212,7 +229,84 @@ def test_config_files_document_every_field():
     doc = (REPO / "docs" / "configuration.md").read_text()
     from dataclasses import fields
 
-    from flatminima.continual.train import ContinualSettings
+    from flatminima.experiment.continual_settings import ContinualSettings
 
     for f in fields(ExperimentConfig) + fields(ContinualSettings):
         assert re.search(rf"\| `{f.name}` \|", doc), f"docs/configuration.md lacks the field {f.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# stale units, the plan view, the CSV
+
+
+FAST = {"methods": {"sgd": {}, "sam": {"rho": 0.05}}, "seeds": [0], "epochs": 1, "diagnostics": [],
+        "tensorboard": False}
+
+
+def _config(out: Path, **changes) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({**FAST, "out_dir": str(out), **changes}, base=preset("quick"))
+
+
+def test_an_edited_config_never_tabulates_the_old_units(tmp_path):
+    """Edit SAM's rho after a run: --report-only leaves the stale unit out, naming the change;
+    a run retrains it (and only it); editing epochs makes every unit stale."""
+    lines: list[str] = []
+    first = run_experiment(_config(tmp_path), progress=False, log=lines.append)
+    sgd_mtime = (tmp_path / "runs" / "sgd_seed0.json").stat().st_mtime_ns
+    edited = _config(tmp_path, methods={"sgd": {}, "sam": {"rho": 0.1}})
+    lines.clear()
+    report = run_experiment(edited, progress=False, log=lines.append, train=False)
+    assert [r["unit"] for r in report["records"]] == ["sgd_seed0"] and "| sam |" not in report["table"]
+    assert "not reported (stale) sam_seed0: its record was made with other settings (method.rho 0.05 → 0.1)" in lines
+    assert "warning: 1 of 2 units are missing from these tables: sam_seed0." in lines
+    assert "**Partial:** 1 of 2 units are missing" in (tmp_path / "results.md").read_text()
+    lines.clear()
+    again = run_experiment(edited, progress=False, log=lines.append)
+    assert "retraining sam_seed0: its record was made with other settings (method.rho 0.05 → 0.1)" in lines
+    assert "resuming: 1 of 2 units already finished" in " ".join(lines)
+    assert (tmp_path / "runs" / "sgd_seed0.json").stat().st_mtime_ns == sgd_mtime  # not retrained
+    sam = json.loads((tmp_path / "runs" / "sam_seed0.json").read_text())
+    assert sam["hyperparameters"] == {"rho": 0.1} and sam["provenance"]["unit_settings"]["method"]["rho"] == 0.1
+    assert again["records"][0]["final"] == first["records"][0]["final"]
+    with pytest.raises(ValueError, match=r"\(2 of its units were trained with other settings\)"):
+        run_experiment(_config(tmp_path, epochs=2), progress=False, log=lambda _: None, train=False)
+
+
+def test_show_lists_done_stale_broken_and_missing_units_without_writing(tmp_path):
+    from flatminima.experiment import format_show, show_plan
+
+    run_experiment(_config(tmp_path), progress=False, log=lambda _: None)
+    (tmp_path / "runs" / "sam_seed0.json").write_text("{truncated")
+    (tmp_path / "runs" / "sgd_seed0.json").touch()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    wider = _config(tmp_path, methods={"sgd": {}, "sam": {"rho": 0.05}, "asam": {"rho": 0.5}}, seeds=[0, 1])
+    rows = show_plan(wider)
+    assert [(r["unit"], r["status"]) for r in rows] == [
+        ("sgd_seed0", "done"), ("sam_seed0", "broken"), ("asam_seed0", "missing"),
+        ("sgd_seed1", "missing"), ("sam_seed1", "missing"), ("asam_seed1", "missing")]
+    assert rows[0]["note"].startswith("test acc 0.") and rows[0]["method"] == "sgd" and rows[0]["seed"] == 0
+    assert rows[1]["note"] == "sam_seed0.json does not read as JSON (JSONDecodeError)"
+    stale = show_plan(_config(tmp_path, epochs=2))
+    assert stale[0]["status"] == "stale" and stale[0]["note"] == "epochs 1 → 2"
+    text = format_show(wider, rows)
+    assert text.splitlines()[:2] == [f"quick: digits / mlp -> {tmp_path}", "6 units: 1 done, 1 broken, 4 to train"]
+    assert re.search(r"^sam_seed0 +sam +0 +broken +sam_seed0\.json does not read", text, re.M)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, no lock taken
+
+
+def test_results_csv_holds_the_flatness_columns(tmp_path):
+    from flatminima.experiment.tables import CSV_FIELDS
+
+    run_experiment(_config(tmp_path, diagnostics=["hessian"]), progress=False, log=lambda _: None)
+    import csv
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_FIELDS and [r["method"] for r in rows] == ["sgd", "sam"]
+    assert {"lambda_max_mean", "lambda_max_std", "trace_mean", "sharpness_mean"} <= set(CSV_FIELDS)
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert float(rows[1]["lambda_max_mean"]) == pytest.approx(summary[1]["lambda_max_mean"]) and \
+        float(rows[1]["lambda_max_mean"]) > 0
+    assert rows[1]["lambda_max_std"] == "0.0" and rows[1]["trace_mean"] == ""  # one seed; trace not measured
+    results_table = (tmp_path / "results.md").read_text().split("Flatness")[0]
+    assert "| sam |" in results_table and "±" not in results_table  # one seed: the mean alone

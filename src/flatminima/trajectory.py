@@ -15,7 +15,7 @@ flatminima method. The term, for a batch ``B`` of logits ``z_i`` and teacher log
 
     L_tra = λ·τ²/|B| · Σ_{i∈B} KL( softmax(y_i/τ) ‖ softmax(z_i/τ) )
 
-The paper writes ``λ/|B|·Σ KL(y_i/τ, z_i/τ)`` (seed 001); its code multiplies by ``τ²`` (the
+The paper writes ``λ/|B|·Σ KL(y_i/τ, z_i/τ)``; its code multiplies by ``τ²`` (the
 usual distillation scaling, which keeps the gradient's size independent of ``τ``) and takes the
 teacher distribution as the first argument of the KL (``F.kl_div(log p_current, p_teacher)``).
 """
@@ -185,7 +185,7 @@ class SAF(nn.Module):
 
 class MESA(nn.Module):
     """Memory-Efficient Sharpness-Aware training (Du et al., NeurIPS 2022): the trajectory loss
-    towards an exponential moving average of the weights (seed 001, §3.3).
+    towards an exponential moving average of the weights.
 
     ``v_t = β·v_{t−1} + (1 − β)·θ_t`` with ``v_0 = θ_0`` (the weights at construction; timm's
     ``ModelEmaV2``, which the official code uses), ``β = decay``, kept by

@@ -32,7 +32,7 @@ class _Evaluation:
 
 class SWAD(_Averager):
     """SWAD: dense weight averaging inside an overfit-aware window (Cha et al., NeurIPS 2021,
-    "SWAD: Domain Generalization by Seeking Flat Minima"; seed 001).
+    "SWAD: Domain Generalization by Seeking Flat Minima").
 
     Every step's weights are averaged, but only those of the steps in ``[t_s, t_e]`` (both
     included) end up in the result. With ``E(i)`` the validation loss of the i-th reported

@@ -6,8 +6,8 @@
   Fashion-MNIST) with seeded, saved splits;
 * :mod:`.metrics`: average accuracy, learning accuracy, backward/forward transfer and forgetting
   from the accuracy matrix, saved as CSV/JSON and drawn as a heatmap;
-* :mod:`.train`: one continual run (a method × strategy × task order × seed) for the experiment
-  runner (``flatminima run`` with a ``continual`` section).
+One continual run (a method × strategy × task order × seed) for the experiment runner
+(``flatminima run`` with a ``continual`` section) is :mod:`flatminima.experiment.continual`.
 """
 
 from .adapters import STRATEGIES, ContinualLoRA

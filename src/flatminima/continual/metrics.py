@@ -220,16 +220,16 @@ def _task_names(task_names: Optional[Sequence[str]], T: int) -> list[str]:
     return list(task_names)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """``value`` with NaN / inf floats as None and numpy scalars / arrays as Python objects."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -274,7 +274,7 @@ def save_accuracy_matrix(a: Any, folder: os.PathLike | str, name: str = "accurac
 
     doc = {"tasks": tasks, "matrix": m.tolist(), "metrics": continual_metrics(m), **(extra or {})}
     paths["json"] = folder / f"{name}.json"
-    write_text(paths["json"], json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
+    write_text(paths["json"], json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")
 
     try:
         import matplotlib  # noqa: F401

@@ -13,7 +13,7 @@ passes per step:
   precision plugin runs Lightning's closure itself, once, and calls ``step()`` without it.
 
 Neither loop calls anything of ours before that first ``step``, so the refusal comes there:
-:meth:`FlatOptimizer.step` calls :func:`refuse_framework_loop` first, which looks a few frames up
+:meth:`~flatminima.core.shell.FlatOptimizer.step` calls :func:`refuse_framework_loop` first, which looks a few frames up
 for the framework's step method (matched by code object, so this costs a dict lookup per frame,
 and nothing when neither framework is imported). The weights are untouched when it raises.
 """

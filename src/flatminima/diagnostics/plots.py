@@ -61,17 +61,47 @@ def plot_landscape(result: Any, path: PathLike, title: Optional[str] = None, log
         _metric_axis(ax, result.alphas, result.metric)
         return _save(fig, path, title)
     A, B = np.meshgrid(result.alphas, result.betas, indexing="ij")
-    fig = plt.figure(figsize=(11, 4.5), constrained_layout=True)
+    fig = plt.figure(figsize=(11.5, 4.8), constrained_layout=True)
     ax = fig.add_subplot(1, 2, 1)
     filled = ax.contourf(A, B, loss, levels=levels, cmap="viridis")
-    ax.contour(A, B, loss, levels=levels, colors="k", linewidths=0.3)
+    # A few labelled contour lines (not every filled level), spaced so their labels do not collide.
+    lines = ax.contour(A, B, loss, levels=min(levels, 8), colors="k", linewidths=0.5, negative_linestyles="solid")
+    ax.clabel(lines, lines.levels[::2], inline=True, inline_spacing=6, fontsize=7, fmt="%.3g")
     fig.colorbar(filled, ax=ax, label=label)
     ax.plot([0.0], [0.0], marker="*", color="red", ms=10)
     ax.set(xlabel="α (direction 1)", ylabel="β (direction 2)", title=f"contour ({result.space})")
     ax3 = fig.add_subplot(1, 2, 2, projection="3d")
     ax3.plot_surface(A, B, loss, cmap="viridis", linewidth=0, antialiased=True)
-    ax3.set(xlabel="α", ylabel="β", zlabel=label, title="surface")
+    _sparse_3d_ticks(ax3)
+    ax3.set_xlabel("α", labelpad=2)
+    ax3.set_ylabel("β", labelpad=2)
+    ax3.set_zlabel(label, labelpad=6)
+    ax3.set_title("surface")
+    ax3.set_box_aspect(None, zoom=0.92)  # room for the z label inside the axes
     return _save(fig, path, title)
+
+
+def _sparse_3d_ticks(ax) -> None:
+    """At most four ticks per axis of a 3-D plot, in a small font: their labels do not overlap."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+        axis.set_major_locator(MaxNLocator(4))
+    ax.tick_params(labelsize=7, pad=0)
+
+
+def plain_log_ticks(ax, values: np.ndarray) -> None:
+    """Plain tick labels on a log y axis (``0.6``, not ``6×10⁻¹``), enough of them whatever the
+    span of ``values`` (positive, finite): the minor ticks labelled too within a decade, ticks at
+    1, 2 and 5 × 10ᵏ over up to 2.5 decades, the decades beyond."""
+    from matplotlib import ticker
+
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    decades = float(np.log10(values.max() / values.min())) if len(values) else 0.0
+    if 1 <= decades < 2.5:
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if decades < 1 else ticker.NullFormatter())
 
 
 def plot_interpolation(result: Any, path: PathLike, title: Optional[str] = None) -> str:
@@ -140,7 +170,8 @@ def plot_shift_strength(result: Any, path: PathLike, title: Optional[str] = None
 
 def plot_training_log(log: Any, path: PathLike, title: Optional[str] = None) -> str:
     """Per-layer gradient norms over training (heatmap, log10; GA-SAM Figs. 4–5) beside the
-    method's step statistics (‖g‖, ‖ε‖, sharpness, cosine), from a :class:`TrainingLog`."""
+    method's step statistics (‖g‖, ‖ε‖, sharpness, cosine), from a
+    :class:`~flatminima.diagnostics.training.TrainingLog`."""
     plt = _pyplot()
     stats = {k: v for k, v in log.statistics.items() if any(x is not None for x in v)}
     fig, axes = plt.subplots(1, 2 if stats else 1, figsize=(12 if stats else 6.5, 4.5), squeeze=False)
@@ -197,18 +228,50 @@ def plot_batch_eigenvalues(results: dict[str, Any], path: PathLike, title: Optio
     return _save(fig, path, title)
 
 
-def plot_interpolations(results: dict[str, Any], path: PathLike, title: Optional[str] = None,
-                        log: bool = True) -> str:
-    """Several :class:`~.landscape.Interpolation` curves in one figure (name → result), e.g. from
-    an SGD minimum (t = 0) to each flat-minima method's minimum (t = 1)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+def nonfinite_points(results: dict[str, Any]) -> dict[str, list[float]]:
+    """Per curve of ``results`` (name → :class:`~.landscape.Interpolation`), the ``t`` where the
+    loss is not finite (NaN, e.g. a diverged model, or ±inf); names without any are left out."""
+    out = {}
     for name, r in results.items():
-        ax.plot(r.ts, r.loss, lw=1.6, label=f"{name} (‖Δθ‖ = {r.distance:.3g})")
+        loss = np.asarray([np.nan if v is None else v for v in r.loss], dtype=float)
+        bad = [float(t) for t, v in zip(r.ts, loss) if not np.isfinite(v)]
+        if bad:
+            out[name] = bad
+    return out
+
+
+def plot_interpolations(results: dict[str, Any], path: PathLike, title: Optional[str] = None,
+                        log: bool = True, colours: Optional[dict[str, Any]] = None) -> str:
+    """Several :class:`~.landscape.Interpolation` curves in one figure (name → result), e.g. from
+    an SGD minimum (t = 0) to each flat-minima method's minimum (t = 1). ``colours``: name →
+    matplotlib colour (default: the ``tab10`` colours in order). A point whose loss is not finite
+    is not drawn on the curve (a gap) but marked ``×`` on the top edge at its ``t``, and the
+    legend counts them (:func:`nonfinite_points`)."""
+    plt = _pyplot()
+    from matplotlib.transforms import blended_transform_factory
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    bad = nonfinite_points(results)
+    finite = np.concatenate([np.asarray([np.nan if v is None else v for v in r.loss], dtype=float)
+                             for r in results.values()] or [np.zeros(0)])
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    for i, (name, r) in enumerate(results.items()):
+        colour = (colours or {}).get(name, f"C{i % 10}")
+        loss = np.asarray([np.nan if v is None else v for v in r.loss], dtype=float)
+        label = f"{name} (‖Δθ‖ = {r.distance:.3g})"
+        if name in bad:
+            label += f"; {len(bad[name])} of {len(loss)} points not finite (×)"
+        loss[~np.isfinite(loss)] = np.nan
+        ax.plot(r.ts, loss, lw=1.6, color=colour, label=label, marker="o", ms=2.5)  # a lone point shows too
+        if name in bad:
+            ax.plot(bad[name], np.ones(len(bad[name])), transform=top, ls="none", marker="x", ms=7, mew=1.8,
+                    color=colour, clip_on=False)
     for t in (0.0, 1.0):
         ax.axvline(t, color="grey", lw=0.8, ls=":")
-    if log:
+    if log and len(finite):
         ax.set_yscale("log")
+        plain_log_ticks(ax, finite)
     ax.set(xlabel="t  (θ(t) = (1 − t)·θ_a + t·θ_b)", ylabel="loss", title="linear interpolation between minima")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")

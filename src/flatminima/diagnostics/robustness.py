@@ -1,7 +1,7 @@
 """Robustness to parameter corruption: the evaluations of GA-SAM Table 4 and m-RWP Fig. A1.
 
-* :func:`corruption_robustness` (GA-SAM, seed 002, §5.3, Table 4; Sun et al. 2021; Zhang et al.
-  2021): a metric (accuracy, or the loss) of ``w + a`` after a **random** corruption ``a`` and
+* :func:`corruption_robustness` (GA-SAM, Zhang et al., EMNLP 2022, §5.3, Table 4; Sun et al.
+  2021; Zhang et al. 2021): a metric (accuracy, or the loss) of ``w + a`` after a **random** corruption ``a`` and
   after a **multi-step adversarial** one (projected gradient ascent on the loss, GA-SAM eqs. 16–18
   with ``T = 1``), for each budget ``ε`` of an L2 or L∞ ball ``‖a‖_p ≤ ε``. Budgets are absolute
   (GA-SAM's convention: ``ε`` bounds the whole parameter vector); ``relative=True`` reads them as
@@ -9,8 +9,8 @@
   A random corruption lies on the boundary: ``a = ε·z/‖z‖₂`` (uniform on the sphere) or
   ``a = ε·sign(z)`` (a uniform vertex of the cube), ``z ~ N(0, I)``; so ``‖a‖_p = ε`` exactly. The
   adversarial one is the highest-loss point of the ascent path (inside the ball).
-* :func:`perturbation_curve` (m-RWP, seed 004, Fig. A1): the perturbed loss ``L(w + ε)`` against
-  the radius ``‖ε‖₂`` (log-spaced radii), random (mean over samples, with its standard error)
+* :func:`perturbation_curve` (m-RWP, Li et al., TMLR 2024, Fig. A1): the perturbed loss
+  ``L(w + ε)`` against the radius ``‖ε‖₂`` (log-spaced radii), random (mean over samples, with its standard error)
   against adversarial (AWP: the ascent's best point).
 
 ``metric_fn(model, batch)`` returns either the batch's mean (a float or 0-dim tensor, weighted by

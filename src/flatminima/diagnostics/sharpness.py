@@ -1,16 +1,16 @@
 """Sharpness of a minimum: worst case in a ball, average under Gaussian noise, and m-sharpness.
 
-* **Worst case** (Foret et al. 2021; seed 001): ``S_ρ(w) = max_{‖T⁻¹ε‖_p ≤ ρ} L(w + ε) − L(w)`` for
+* **Worst case** (Foret et al. 2021): ``S_ρ(w) = max_{‖T⁻¹ε‖_p ≤ ρ} L(w + ε) − L(w)`` for
   the L2 or L∞ ball, with ``T = 1`` or an adaptive ``T`` (ASAM, Kwon et al. 2021: ``T = |w| + η``
   element-wise or ``‖w_i‖ + η`` filter-wise; any :class:`flatminima.core.scale.Scale`). The maximum is
-  searched by the multi-step projected ascent of Zhang et al. (2021) that GA-SAM uses (seed 002,
-  eqs. 16–18): ``u_k = η·T ⊙ dual(T ⊙ ∇L(w + a_{k−1}))``, ``a_k = Π(a_{k−1} + u_k)``, with step
+  searched by the multi-step projected ascent of Zhang et al. (2021) that GA-SAM uses (Zhang et
+  al., EMNLP 2022, eqs. 16–18): ``u_k = η·T ⊙ dual(T ⊙ ∇L(w + a_{k−1}))``, ``a_k = Π(a_{k−1} + u_k)``, with step
   ``η = 1.5ρ/K`` by default. The estimate is the highest loss met on the path ``a_0 … a_K`` (and at
   ``a = 0``, a feasible point, so it is never negative): a lower bound on the true maximum that
   grows with the steps. From ``a_0 = 0`` one step with ``η ≥ ρ`` is exactly SAM's ``ε``; at a
   stationary point (zero gradient) start from ``init="random"`` (uniform in the ball, as PGD).
-* **Average case** (the Bayes objective of RWP/LPF-SGD; seed 004): ``E_ε[L(w + ε)] − L(w)``,
-  ``ε = σ·Z ⊙ S``, ``Z ~ N(0, I)``, ``S`` uniform (1), filter-wise ``‖w_i‖`` (output row; a 1-D
+* **Average case** (the Bayes objective of RWP/LPF-SGD; Li et al., TMLR 2024):
+  ``E_ε[L(w + ε)] − L(w)``, ``ε = σ·Z ⊙ S``, ``Z ~ N(0, I)``, ``S`` uniform (1), filter-wise ``‖w_i‖`` (output row; a 1-D
   tensor uses its own norm, as in the RWP code), layer-wise ``‖W‖_F`` or element-wise ``|w|``;
   reported with the standard error of the mean over samples.
 * **m-sharpness** (Foret et al. 2021, §4): the worst-case sharpness computed on each batch of ``m``

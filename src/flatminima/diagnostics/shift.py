@@ -1,4 +1,4 @@
-"""The distribution-shift trial of GA-SAM (seed 002, §2.4, Figs. 1–2, Appendix C.1).
+"""The distribution-shift trial of GA-SAM (Zhang et al., EMNLP 2022, §2.4, Figs. 1–2, Appendix C.1).
 
 GA-SAM's Theorem 1: near the minima, a shift from the training distribution ``D`` to the test
 distribution ``D*`` acts as a parameter corruption, ``L(w; D*) ≈ L(w − δ; D) + C`` with

@@ -1,4 +1,4 @@
-"""Training-time logging: per-layer gradient norms over training (GA-SAM, seed 002, Figs. 4–5)
+"""Training-time logging: per-layer gradient norms over training (GA-SAM, Zhang et al., EMNLP 2022, Figs. 4–5)
 and the step statistics a method records (``opt.track_statistics()``: ‖g‖, ‖ε‖,
 ``L(w+ε) − L(w)``, the cosine between the clean and the perturbed gradient).
 

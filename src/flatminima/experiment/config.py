@@ -17,14 +17,18 @@ from .. import methods as _methods
 from .._extras import require
 from ..core.validation import (check, check_choice, check_int, check_nonnegative, check_positive, check_range,
                                is_int)
+from ..continual.tasks import SEQUENCES
 from ..data import available_tasks, task_loader
 from ..lora import support_from_spec
-from .models import MODEL_OPTION_CHECKS, MODELS, _dummy_lora_model, available_models
+from .continual_settings import ContinualSettings
+from .models import MODEL_OPTION_CHECKS, MODELS, dummy_lora_model, available_models
 
 
 #: Keys of a method entry that configure the base optimizer rather than the method.
 BASE_KEYS = ("optimizer", "lr", "momentum", "weight_decay")
 OPTIMIZERS = ("sgd", "adamw")
+#: The loggers the field ``loggers`` accepts (:mod:`flatminima.experiment.loggers`).
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -74,9 +78,10 @@ class ExperimentConfig:
     runs at step 0 and at the end. ``train_subset`` keeps a fixed random part of the training set.
     A method entry may hold ``"grid": {"rho": [0.02, 0.05]}``: one method per combination, labelled
     ``sam-rho0.02``, ... (:meth:`expanded_methods`). ``continual`` (a
-    :class:`~flatminima.continual.train.ContinualSettings` mapping) makes ``task`` a task *sequence*
+    :class:`~flatminima.experiment.continual_settings.ContinualSettings` mapping) makes ``task`` a task *sequence*
     trained task after task, per strategy and task order. ``tensorboard``: write scalars (None: when
-    ``tensorboard`` is installed). Every field is described in ``docs/configuration.md``.
+    ``tensorboard`` is installed); ``loggers``: where else they go (:mod:`~flatminima.experiment.loggers`:
+    ``tensorboard``, ``mlflow``, ``wandb``). Every field is described in ``docs/configuration.md``.
     """
 
     name: str = "custom"
@@ -105,6 +110,7 @@ class ExperimentConfig:
     save_models: bool = False
     continual: Optional[dict[str, Any]] = None
     tensorboard: Optional[bool] = None
+    loggers: list[str] = field(default_factory=list)
 
     # -- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -158,9 +164,6 @@ class ExperimentConfig:
         check("name", isinstance(self.name, str) and self.name.strip() != "" and self.name.isprintable(),
               self.name, "a non-empty one-line string")
         if self.continual is not None:
-            from ..continual.tasks import SEQUENCES
-            from ..continual.train import ContinualSettings
-
             self.continual = ContinualSettings.from_dict(self.continual).to_dict()
             check("task", self.task in SEQUENCES, self.task,
                   f"a task sequence (continual is set): one of {', '.join(SEQUENCES.names())}")
@@ -200,6 +203,12 @@ class ExperimentConfig:
         check("save_models", isinstance(self.save_models, bool), self.save_models, "true or false")
         check("tensorboard", self.tensorboard is None or isinstance(self.tensorboard, bool), self.tensorboard,
               "null (when installed), true or false")
+        check("loggers", isinstance(self.loggers, list) and all(isinstance(n, str) and n in LOGGERS
+                                                                for n in self.loggers)
+              and len(set(self.loggers)) == len(self.loggers), self.loggers,
+              f"a list of distinct names from: {', '.join(LOGGERS)}")
+        check("loggers", not (self.tensorboard is False and "tensorboard" in self.loggers), self.loggers,
+              "no tensorboard while the field tensorboard is false")
         check("methods", isinstance(self.methods, dict) and len(self.methods) > 0, self.methods,
               "a non-empty mapping of method label to settings")
         for label in self.expanded_methods():
@@ -248,7 +257,7 @@ class ExperimentConfig:
             _check_base_settings(base)
             checked = {k: v for k, v in hyper.items() if k != "support"}
             if _methods.needs_model(name) or "support" in hyper:  # validate on a one-layer LoRA model
-                dummy_model = _dummy_lora_model()
+                dummy_model = dummy_lora_model()
                 dummy = torch.optim.SGD([p for p in dummy_model.parameters() if p.requires_grad], lr=0.1)
                 extra = {"model": dummy_model} if _methods.needs_model(name) else {}
                 if "support" in hyper:

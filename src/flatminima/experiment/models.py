@@ -14,7 +14,7 @@ from .._extras import require
 from ..core.registry import Registry
 from ..core.validation import check, check_bool, check_int, check_positive, check_range, is_int
 from ..data import Dataset, minilm_path
-from ..models import MLP, ResNet, SmallCNN, resnet18_cifar
+from ..models import MLP, ResizedInput, ResNet, SmallCNN, efficientnet_lite0, resnet18_cifar
 from ..vit import vit_lora
 
 
@@ -74,8 +74,6 @@ def _efficientnet_lite0_lora(data: Dataset, image_size: int = 64, r: int = 4, al
     convolution (expansion, projection, head; a row is an output channel) and the new head ``_fc``
     trained in full; the rest of the pretrained backbone is frozen. (The stem and depthwise
     convolutions pad in their own forward, which PEFT's LoRA branch would not.)"""
-    from ..models import ResizedInput, efficientnet_lite0
-
     check_int("model_options.image_size", image_size, 32)
     peft = require("peft", "experiments", "the model 'efficientnet_lite0_lora'")
     model = ResizedInput(efficientnet_lite0(data.num_classes, image_size, pretrained), image_size)
@@ -175,7 +173,7 @@ MODEL_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 
 
 @functools.lru_cache(maxsize=1)
-def _dummy_lora_model() -> nn.Module:
+def dummy_lora_model() -> nn.Module:
     """A one-layer PEFT LoRA model to validate the hyperparameters of methods that take a model."""
     peft = require("peft", "experiments", "a method that takes the model")
     with torch.random.fork_rng(devices=[]):  # validation leaves the global RNG as it was

@@ -143,11 +143,12 @@ def _preset_continual_quick() -> ExperimentConfig:
 
 
 def _preset_repro_fashion() -> ExperimentConfig:
-    """Seed 004's claims on a ResNet-18 (CIFAR-style, width 32) over all of Fashion-MNIST, its
-    schedule except the length (batch 256, SGD lr 0.1 with momentum 0.9 and cosine decay, weight
-    decay 1e-3, SAM ρ 0.05, RWP σ 0.01, m-RWP σ 0.015 and λ 0.5), and each two-step method on one
-    batch and on two (Table A1; ``different_batches`` splits the batch of 256 into two of 128): for a
-    GPU. 7 epochs (1,638 steps) is what our GPU budget allowed (the paper: 200); no augmentation."""
+    """The claims of m-RWP's paper (Li et al., TMLR 2024) on a ResNet-18 (CIFAR-style, width 32) over
+    all of Fashion-MNIST, its schedule except the length (batch 256, SGD lr 0.1 with momentum 0.9
+    and cosine decay, weight decay 1e-3, SAM ρ 0.05, RWP σ 0.01, m-RWP σ 0.015 and λ 0.5), and each
+    two-step method on one batch and on two (Table A1; ``different_batches`` splits the batch of 256
+    into two of 128): for a GPU. 7 epochs (1,638 steps) is what our GPU budget allowed (the paper:
+    200); no augmentation."""
     return ExperimentConfig(
         name="repro_fashion", task="fashion_mnist", model="resnet18", model_options={"width": 32},
         methods={"sgd": {}, "sam": {"rho": 0.05}, "mrwp": {"sigma": 0.015, "noisy_weight": 0.5},
@@ -160,9 +161,10 @@ def _preset_repro_fashion() -> ExperimentConfig:
 
 
 def _preset_repro_text() -> ExperimentConfig:
-    """Seed 002's comparison on text classification, with LoRA: AdamW, SAM, multi-step SAM (K = 2,
-    the defense of Zhang et al. 2021), GA-SAM (K = 1 and 2) on all-MiniLM-L6-v2 + LoRA over all
-    VADER movie snippets (8,455 training, 2,113 test), 3 epochs: for a GPU."""
+    """GA-SAM's comparison (Zhang et al., EMNLP 2022) on text classification, with LoRA: AdamW, SAM,
+    multi-step SAM (K = 2, the defense of Zhang et al. 2021), GA-SAM (K = 1 and 2) on
+    all-MiniLM-L6-v2 + LoRA over all VADER movie snippets (8,455 training, 2,113 test), 3 epochs:
+    for a GPU."""
     return ExperimentConfig(
         name="repro_text", task="vader_movies", task_options={"max_length": 64}, model="minilm_lora",
         methods={"adamw": {"method": "base"}, "sam": {"rho": 0.05}, "multistep": {"method": "multistepsam",

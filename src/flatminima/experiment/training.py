@@ -19,6 +19,7 @@ from torch import nn
 from .. import methods as _methods
 from ..core.validation import check
 from ..data import Dataset, Inputs, take
+from ..diagnostics.report import report
 from ..engine import TrainStep
 from ..lora import support_from_spec
 from .config import RUN_DIAGNOSTIC_OPTIONS, ExperimentConfig, batch_groups
@@ -61,7 +62,7 @@ def logits(model: nn.Module, x: Inputs) -> torch.Tensor:
     return model(x)
 
 
-def _cross_entropy(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> torch.Tensor:
+def cross_entropy(model: nn.Module, batch: tuple[Inputs, torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(logits(model, x), y)
 
@@ -115,12 +116,10 @@ def diagnostic_batches(config: ExperimentConfig, data: Dataset) -> list:
 
 def run_diagnostics(config: ExperimentConfig, data: Dataset, model: nn.Module, seed: int) -> dict[str, Any]:
     """The per-run diagnostics of ``config`` on ``model``: headline numbers and wall times."""
-    from ..diagnostics.report import report
-
     names = [d for d in config.diagnostics if d != "interpolation"]
     if not names:
         return {}
-    result = report(model, _cross_entropy, diagnostic_batches(config, data), diagnostics=names, seed=seed,
+    result = report(model, cross_entropy, diagnostic_batches(config, data), diagnostics=names, seed=seed,
                     options={k: v for k, v in RUN_DIAGNOSTIC_OPTIONS.items() if k in names}, figures=False)
     return {"summary": result["summary"], "seconds": result["seconds"]}
 
@@ -184,7 +183,7 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
     opt = _methods.create(name, base, **{"seed": seed if method_seed is None else method_seed, "total_steps": total,
                                          **extra, **hyper})
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None
-    train_step = TrainStep(model, opt, loss_fn or _cross_entropy, accumulation=config.accumulation,
+    train_step = TrainStep(model, opt, loss_fn or cross_entropy, accumulation=config.accumulation,
                            regularizer=regularizer)
     shuffle = shuffle if shuffle is not None else torch.Generator().manual_seed(seed)
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, data.x_test, data.y_test, config.eval_batch_size))

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import methods as _methods
+from .. import lora  # noqa: F401 (registers flatlora and samlora)
 from .._extras import require
 from ..engine import TrainStep, distributed
 from ..core.passes import Pass

@@ -53,6 +53,7 @@ _transformers = require("transformers", "hf", "flatminima.integrations.hf")
 require("accelerate", "hf", "flatminima.integrations.hf")  # the Trainer's own requirement
 
 from .. import methods as _methods  # noqa: E402
+from .. import lora  # noqa: F401, E402 (registers flatlora and samlora)
 from ..engine import TrainStep  # noqa: E402
 from ..core.shell import FlatOptimizer  # noqa: E402
 from ..core.validation import check, check_choice, check_int  # noqa: E402

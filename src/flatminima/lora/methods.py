@@ -39,7 +39,7 @@ class FlatLoRA(FlatOptimizer):
     and embedding layer too)
     and ``noisy_weight = λ < 1`` (the m-RWP mix ``λ·g_noisy + (1 − λ)·g_clean``, 2 fb).
     Noise on the LoRA factors only is ``fm.RWP``/``fm.MRWP`` with ``scope=lora_parameters(model)``.
-    ``kernel`` picks the noisy-weight kernel (:func:`noisy_weight`).
+    ``kernel`` picks the noisy-weight kernel (:func:`~.noise.noisy_weight`).
     """
 
     def __init__(self, base, model: nn.Module, rho: float = 0.05, noise: str = "flatlora",

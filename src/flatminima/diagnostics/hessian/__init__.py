@@ -2,7 +2,7 @@
 trace (Hutchinson) and spectral density (stochastic Lanczos quadrature), for the chosen parameters,
 per block, for the LoRA factors, and per evaluation batch.
 
-``L(w) = Σ_B |B|·L_B(w) / Σ_B |B|`` is the objective of :mod:`.objective`, ``w`` the ``n`` chosen
+``L(w) = Σ_B |B|·L_B(w) / Σ_B |B|`` is the objective of :mod:`..objective`, ``w`` the ``n`` chosen
 parameters, and ``C`` the curvature matrix (``curvature=``):
 
 * ``"hessian"``: ``H = ∇²L(w)``;
@@ -39,9 +39,9 @@ Every product is a Jacobian-vector product of a gradient map, ``method=``:
   fused kernels (flash, memory-efficient) have neither forward-mode nor double-backward formulas.
 
 Over several batches ``Cv = Σ_B |B|·C_B v / Σ_B |B|`` (the batch-size-weighted mean), over the
-batches of every rank under ``torch.distributed`` (``distributed``, :mod:`.objective`: each product
+batches of every rank under ``torch.distributed`` (``distributed``, :mod:`..objective`: each product
 is all-reduced, so every rank runs the algorithm on the whole data's operator). Nothing is
-written to the model: parameters are substituted (:class:`~.objective.Objective`), random vectors come
+written to the model: parameters are substituted (:class:`~..objective.Objective`), random vectors come
 from a ``torch.Generator`` seeded with ``seed``, and the global RNG state and module modes are put
 back. A model whose embedding has a ``padding_idx`` that occurs in the data has a non-symmetric
 "Hessian" (autograd zeroes that row of the gradient): forward-over-reverse then returns ``Jv`` and

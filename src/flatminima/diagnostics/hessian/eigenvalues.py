@@ -146,7 +146,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: Optional[LossFn], data: Any, k: i
     gives per-block results instead (``"layer"``: every module with parameters of its own; or a dict
     name → parameter choice; each block cut down to ``params``) as a dict name → result.
     ``distributed``: reduce every product over the ranks' data (None: when a process group is
-    initialized; :mod:`.objective`).
+    initialized; :mod:`..objective`).
     """
     check_int("k", k, 1)
     check("which", which in WHICH, which, "'LA' (largest algebraic) or 'LM' (largest magnitude)")

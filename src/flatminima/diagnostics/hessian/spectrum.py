@@ -74,7 +74,7 @@ def hessian_trace(model: nn.Module, loss_fn: Optional[LossFn], data: Any, *, pro
                   distributed: Optional[bool] = None) -> Union[Trace, dict[str, Trace]]:
     """``tr(C)`` by Hutchinson's estimator with Rademacher probes: at most ``probes`` of them,
     stopping once ``stderr ≤ rtol·|estimate|`` after at least ``min_probes``. Arguments as in
-    :func:`top_eigenvalues`."""
+    :func:`~.eigenvalues.top_eigenvalues`."""
     check_int("probes", probes, 1)
     check_nonnegative("rtol", rtol)
     check_int("min_probes", min_probes, 1)
@@ -91,7 +91,7 @@ def spectral_density(model: nn.Module, loss_fn: Optional[LossFn], data: Any, *, 
     """The spectral density of ``C`` by stochastic Lanczos quadrature: ``probes`` Rademacher probes,
     ``steps`` Lanczos steps each (``probes × steps`` products), Gaussian broadening ``sigma``
     (default 1% of the spectrum's span) on ``points`` grid points spanning the nodes ± 6σ. Arguments
-    as in :func:`top_eigenvalues`."""
+    as in :func:`~.eigenvalues.top_eigenvalues`."""
     check_int("probes", probes, 1)
     check_int("steps", steps, 1)
     check_int("points", points, 2)

@@ -1,25 +1,51 @@
-"""What a finished unit's record (``runs/<unit>.json``) must hold before a rerun trusts it.
+"""A finished unit's record (``runs/<unit>.json``): reading it, checking it, and grouping records into rows.
 
 A record is reused only when its fingerprint matches *and* it passes :func:`record_problem`: the
 keys the tables, figures and report read, of the right types, accuracies in ``[0, 1]``, losses
 ``>= 0`` (NaN/inf allowed: a diverged run is a result, and would diverge again), finite times
 ``>= 0``, curves of consistent lengths, the unit it names. Anything else (an edited, truncated or
-foreign file) is reported and the unit is trained again.
+foreign file) is reported and the unit is trained again. Nothing here trains or writes.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-from .core.validation import is_int, is_real
+from ..core.validation import is_int, is_real
 
-#: Headline diagnostics a record may carry (the results table's columns).
-_DIAGNOSTIC_KEYS = ("lambda_max", "trace", "sharpness", "average_sharpness", "lambda_max_batch_median")
-
+#: Headline diagnostics a record may carry under ``diagnostics.summary`` (the flatness table's columns).
+DIAGNOSTIC_KEYS = ("lambda_max", "trace", "sharpness", "average_sharpness", "lambda_max_batch_median")
 
 #: Continual metrics a record must carry per scenario (:func:`flatminima.continual.metrics.continual_metrics`).
-_CONTINUAL_METRICS = ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting", "forward_transfer")
+CONTINUAL_METRICS = ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting", "forward_transfer")
+
+
+def record_group(record: dict[str, Any]) -> str:
+    """The row a run is averaged into: its method, and its strategy in a continual run
+    (``"sam / o-lora"``)."""
+    return record["method"] if record.get("strategy") is None else f"{record['method']} / {record['strategy']}"
+
+
+def group_records(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """Records by :func:`record_group`, groups and runs in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(record_group(r), []).append(r)
+    return groups
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``ValueError`` saying why when it does not read as one."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{Path(path).name} does not read as JSON ({type(exc).__name__})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{Path(path).name} holds a JSON {type(record).__name__}, not an object")
+    return record
 
 
 class _Bad(Exception):
@@ -112,7 +138,7 @@ def _check_continual(record: dict, unit) -> None:
         for j, row in enumerate(rows):
             _list_of(row, _fraction, f"accuracy.{s}[{j}]", "accuracies in [0, 1]", T)
         values = _get(metrics, s, "metrics")
-        for key in _CONTINUAL_METRICS:  # what the tables read; undefined ones are null
+        for key in CONTINUAL_METRICS:  # what the tables read; undefined ones are null
             value = _get(values, key, f"metrics.{s}")
             _need(value is None or _number(value), f"metrics.{s}.{key}", value, "a number or null")
     lambda_max = _get(record, "lambda_max", "record")
@@ -127,7 +153,7 @@ def _check_diagnostics(record: dict) -> None:
         return
     summary = _get(_get(record, "diagnostics", "record"), "summary", "diagnostics")
     _need(isinstance(summary, dict), "diagnostics.summary", summary, "a mapping")
-    for key in _DIAGNOSTIC_KEYS:
+    for key in DIAGNOSTIC_KEYS:
         value = summary.get(key)
         # NaN is a result a diagnostic can report (it shows as nan in the tables); a string is not.
         _need(value is None or _number(value),
@@ -150,6 +176,11 @@ def record_problem(record: dict, unit) -> Optional[str]:
         else:
             _check_continual(record, unit)
         _check_diagnostics(record)
+        if "provenance" in record:
+            provenance = _get(record, "provenance", "record")
+            _need(isinstance(provenance, dict), "provenance", provenance, "a mapping")
+            wall = provenance.get("wall_time_s")
+            _need(wall is None or _nonnegative(wall), "provenance.wall_time_s", wall, "a finite time >= 0")
     except _Bad as bad:
         return str(bad)
     return None
