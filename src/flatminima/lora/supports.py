@@ -43,7 +43,8 @@ from ..core.state import StateSlot
 from ..core.validation import check, check_bool, check_choice
 from .functional import functional_weights
 from .noise import MergedWeightNoise
-from .protocol import BASE_LAYER_TYPES, LoRALayer, require_lora_layers
+from .layers import frozen_layers, lora_parameters
+from .protocol import LoRALayer, require_lora_layers
 
 KINDS = ("factors", "update", "merged", "base", "all")
 RADII = ("native", "effective")
@@ -87,16 +88,13 @@ class LoRASupport(SupportScope):
               f"False for support {kind!r} (only 'merged', 'base' and 'all' reach layers without LoRA)")
         self.model, self.kind, self.adapter, self.radius, self.whole_model = model, kind, adapter, radius, whole_model
         self.layers = require_lora_layers(model, f"the support {kind!r}")
-        self.factors = [t for layer in self.layers for a in layer.named(adapter) for t in (a.a, a.b)]
-        if adapter is not None:
-            known = sorted({a.name for layer in self.layers for a in layer.adapters})
-            check("adapter", bool(self.factors), adapter, f"one of {', '.join(known)}")
+        self.factors = lora_parameters(model, adapter)
         self.functional = kind != "factors"
         if self.functional or radius == "effective":
             for layer in self.layers:
                 check("model", layer.variant() is None, f"{layer.name}: {layer.variant()}",
                       f"plain LoRA adapters (the support {kind!r} needs the layer's weight W0 + s·BA)")
-        self.frozen = _frozen(model, self.layers, whole_model) if self.functional else []
+        self.frozen = frozen_layers(model, whole_model) if self.functional else []
         self.bases = [f.base if isinstance(f, LoRALayer) else f for f in self.frozen]
         for base in self.bases:
             check("model", not base.weight.requires_grad, f"a trainable base weight in {type(base).__name__}",
@@ -181,15 +179,6 @@ class LoRASupport(SupportScope):
             df = 2 * c * l2 + 6 * c * c * lq + 4 * c ** 3 * q2
             c = torch.where(df.abs() > 0, c - f / torch.where(df.abs() > 0, df, torch.ones_like(df)), c)
         return torch.where(l2 > 0, c, torch.ones_like(c))
-
-
-def _frozen(model: nn.Module, layers: list[LoRALayer], whole_model: bool) -> list:
-    """The LoRA layers and, with ``whole_model``, every other frozen linear/conv/embedding module."""
-    if not whole_model:
-        return list(layers)
-    inside = {id(m) for layer in layers for m in layer.module.modules()}
-    return list(layers) + [m for m in model.modules() if isinstance(m, BASE_LAYER_TYPES) and id(m) not in inside
-                           and not m.weight.requires_grad]
 
 
 def _rows_groups(layers: list[LoRALayer], factors: list[Tensor]) -> list[list]:
