@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py                       # CPU: SmallCNN, every method (~1.5 min)
     python benchmarks/step_overhead.py --device cuda         # ResNet-18/CIFAR b256 + ViT-S/16 b64, bf16
     python benchmarks/step_overhead.py --quick --methods sam,naive-sam --json out.json
+    python benchmarks/step_overhead.py --device cpu --toy --models resnet18,vit_s16 --steps 2   # CUDA models, toy sizes
 
 All numbers come from one process. For each model it measures, interleaved round-robin in blocks
 of steps (so that clock and thermal drift hit every candidate alike):
@@ -94,6 +95,21 @@ def model_specs() -> dict[str, ModelSpec]:
 
 QUICK_SPEC = ModelSpec("smallcnn-tiny", lambda: models.SmallCNN(1, 10, width=8, side=16), (1, 16, 16), 10, 16,
                        note="SmallCNN(width=8), 1x16x16 (quick)")
+
+
+def toy_specs() -> dict[str, ModelSpec]:
+    """The same architectures at toy sizes (``--toy``): what ``gpu_check.sh --dry-run`` runs on a CPU, so that
+    the code path of the CUDA run (ResNet-18's blocks, the ViT's attention, channels_last, autocast) is
+    exercised in seconds."""
+    return {
+        "smallcnn": QUICK_SPEC,
+        "mlp": ModelSpec("mlp-toy", lambda: models.MLP(64, 10, hidden=8, depth=4), (1, 8, 8), 10, 8,
+                         note="MLP 64-8x4-10 (toy)"),
+        "resnet18": ModelSpec("resnet18-toy", lambda: models.resnet18_cifar(10, width=4), (3, 16, 16), 10, 4,
+                              channels_last=True, note="ResNet-18 (CIFAR geometry, width 4), 3x16x16 (toy)"),
+        "vit_s16": ModelSpec("vit_s16-toy", lambda: models.ViT(32, 16, 10, dim=32, depth=2, heads=2), (3, 32, 32), 10,
+                             4, note="ViT/16 (dim 32, depth 2, 2 heads), 3x32x32 (toy)"),
+    }
 
 
 class OpCounter:
@@ -641,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.set_num_threads on CPU (default 1: OpenMP threads spin at barriers, so on a busy or "
                          "shared machine several threads make timings erratic; 0 keeps torch's default)")
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny model, few steps)")
+    ap.add_argument("--toy", action="store_true",
+                    help="the chosen models (--models) at toy sizes: same architectures, under 50k weights, "
+                         "batch 4 (steps and timing as given; gpu_check.sh --dry-run runs this on the CPU)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return ap
@@ -679,7 +698,7 @@ def _main(args: argparse.Namespace) -> dict:
     args.warmup = (5 if cuda else 2) if args.warmup is None else args.warmup
     args.mem_steps = args.mem_steps or 10
 
-    specs = model_specs()
+    specs = toy_specs() if args.toy else model_specs()
     if args.quick and args.models is None:
         chosen = [QUICK_SPEC]
     else:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import re
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,144 @@ def test_hessian_benchmark_quick_prints_its_table(tmp_path):
     assert "lanczos" in json.dumps(saved) and "pyhessian-power" in json.dumps(saved)
 
 
-def test_gpu_check_dry_run_names_only_files_that_exist():
-    """The prepared GPU run prints its commands without running them, and every script it names exists."""
+def _table_rows(md: str) -> list[list[str]]:
+    """The rows of the first Markdown table in ``md`` (header and rule left out)."""
+    lines = md.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("| check |"))
+    rows = []
+    for x in lines[start + 2:]:
+        if not x.startswith("|"):
+            break
+        rows.append([c.strip() for c in x.strip("|").split(" | ")])
+    return rows
+
+
+def test_gpu_check_dry_run_runs_every_check_and_writes_the_summary(tmp_path):
+    """CI runs the prepared GPU run as it is, on the CPU at toy sizes: every check runs (the CUDA
+    tests are collected and skip), and summary.json / summary.md have one entry per check."""
+    gpu_check = _load("gpu_check")
+    out = tmp_path / "results"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    t0 = time.perf_counter()
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
-                          timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert any("tests/test_cuda.py" in x for x in lines) and any("step_overhead.py --device cuda" in x for x in lines)
-    paths = {p for x in lines for p in re.findall(r"[\w/]+\.(?:py|sh)", x)}
-    assert paths and all((BENCH.parent / p).exists() for p in paths), paths
+                          timeout=170, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.perf_counter() - t0 < 170
+    summary = json.loads((out / "summary.json").read_text())
+    names = [c.name for c in gpu_check.checks(dry=True)]
+    assert summary["mode"] == "dry-run" and summary["ok"] is True
+    assert [c["name"] for c in summary["checks"]] == names
+    assert {"cuda_tests", "fp16_integrations", "step_overhead_resnet18", "step_overhead_vit_s16", "flat_lora_step",
+            "hessian"} == set(names)
+    checks = {c["name"]: c for c in summary["checks"]}
+    for name, c in checks.items():
+        assert c["status"] in ("passed", "skipped"), (name, c["reason"])
+        assert c["seconds"] > 0 and c["budget_s"] > 0
+        assert (out / c["stdout"]).exists() and (out / c["stderr"]).exists()
+        assert c["artifacts"] and all((out / a).exists() for a in c["artifacts"]), name
+        assert all(claim["met"] is None for claim in c["claims"])  # toy sizes judge nothing
+    for name in ("cuda_tests", "fp16_integrations"):  # collected, and honest about skipping
+        counts = checks[name]["headline"]
+        assert counts["total"] > 0 and counts["failed"] == counts["errors"] == 0
+        if not torch.cuda.is_available():
+            assert checks[name]["status"] == "skipped" and counts["skipped"] == counts["total"]
+            assert checks[name]["headline_text"] == f"0 passed, 0 failed, {counts['total']} skipped"
+    assert checks["fp16_integrations"]["headline"]["total"] == 3
+    for name in ("step_overhead_resnet18", "step_overhead_vit_s16"):
+        c = checks[name]
+        assert c["status"] == "passed" and c["headline"]["model"].endswith("-toy") and c["headline"]["amp"] == "bf16"
+        methods = c["headline"]["methods"]
+        assert {"base", "sam", "naive-sam"} <= set(methods) and methods["base"]["x_base"] == 1.0
+        assert all(m["x_base"] is not None and m["x_base"] > 0 for m in methods.values())
+        assert methods["sam"]["fb_per_step"] == 2.0
+    flat = checks["flat_lora_step"]["headline"]
+    assert flat["candidates"]["lora"]["x_lora"] == 1.0 and flat["flatlora_time_ratio"] > 0
+    assert flat["flatlora_memory_ratio"] is None  # no CUDA memory on a CPU: reported as such, not as a number
+    hess = checks["hessian"]["headline"]
+    assert all(v is not None and v > 0 for v in hess["speedups"].values()) and hess["hvps"]["lanczos"] >= 1
+
+    md = (out / "summary.md").read_text()
+    rows = _table_rows(md)
+    assert [r[0] for r in rows] == names
+    assert [r[1] for r in rows] == [checks[n]["status"] for n in names]
+    assert all(len(r) == 4 and float(r[2]) > 0 and r[3] for r in rows)
+    assert "dry run" in md.splitlines()[0]
+
+
+def _command(name: str, code: str, budget: float = 30.0):
+    gpu_check = _load("gpu_check")
+    return gpu_check.Check(name, name, "command", lambda py, out: [py, "-c", code], budget)
+
+
+def test_gpu_check_runs_every_check_after_a_failure_and_a_timeout(tmp_path):
+    """A failing check and one that runs past its budget (its child process too) are recorded as such,
+    and the checks after them still run."""
+    gpu_check = _load("gpu_check")
+    pid_file = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']);"
+            f" open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    selected = [_command("fails", "import sys; print('bad'); sys.exit(3)"), _command("hangs", hang, budget=3.0),
+                _command("passes", "print('fine')")]
+    summary = gpu_check.run_all(selected, tmp_path / "out", sys.executable, dry=True, log=lambda *_: None)
+    got = {c["name"]: c for c in summary["checks"]}
+    assert [c["name"] for c in summary["checks"]] == ["fails", "hangs", "passes"]
+    assert got["fails"]["status"] == "failed" and got["fails"]["returncode"] == 3
+    assert "exit status 3" in got["fails"]["reason"]
+    assert got["hangs"]["status"] == "timeout" and 3 <= got["hangs"]["seconds"] < 30
+    assert got["passes"]["status"] == "passed" and got["passes"]["headline_text"] == "fine"
+    assert summary["ok"] is False and summary["counts"] == {"passed": 1, "skipped": 0, "failed": 1, "timeout": 1}
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the timed-out check's own child was stopped with it
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} of the timed-out check is still running")
+    rows = _table_rows((tmp_path / "out" / "summary.md").read_text())
+    assert [(r[0], r[1]) for r in rows] == [("fails", "failed"), ("hangs", "timeout"), ("passes", "passed")]
+    # A deadline for the whole run: a check with under 5 s left is not started, and says so.
+    summary = gpu_check.run_all([_command("late", "print(1)")], tmp_path / "out2", sys.executable, dry=True,
+                                deadline_s=1.0, log=lambda *_: None)
+    assert summary["checks"][0]["status"] == "timeout" and "not started" in summary["checks"][0]["reason"]
+
+
+def test_gpu_check_reads_pytest_failures_from_the_junit_report(tmp_path):
+    gpu_check = _load("gpu_check")
+    test = tmp_path / "test_two.py"
+    test.write_text("def test_ok():\n    assert True\n\n\ndef test_bad():\n    assert 1 == 2\n")
+    check = gpu_check.Check("two", "two", "pytest",
+                            lambda py, out: [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test),
+                                             f"--junitxml={out / 'two.xml'}"], 60, "two.xml")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = gpu_check.run_check(check, out, sys.executable, dry=True)
+    assert res.status == "failed" and res.headline["passed"] == 1 and res.headline["failed"] == 1
+    assert res.headline_text == "1 passed, 1 failed, 0 skipped"
+
+
+def test_gpu_check_gpu_commands_name_existing_files_and_known_flags(capsys):
+    """The GPU run (which CI cannot run) calls only files that exist, with flags the scripts accept."""
+    gpu_check = _load("gpu_check")
+    gpu = gpu_check.checks(dry=False)
+    assert [c.name for c in gpu] == [c.name for c in gpu_check.checks(dry=True)]
+    assert sum(c.budget_s for c in gpu) <= 540  # under 9 minutes on one H100/H200
+    for c in gpu:
+        argv = c.command("python", Path("/out"))
+        paths = [a.split("::")[0] for a in argv[1:] if a.split("::")[0].endswith(".py")]
+        assert paths and all((BENCH.parent / p).exists() for p in paths), (c.name, paths)
+        if c.kind != "bench":
+            assert argv[1:3] == ["-m", "pytest"]
+            continue
+        assert "--device" in argv and argv[argv.index("--device") + 1] == "cuda"
+        module = _load(Path(argv[1]).stem)
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        help_text = capsys.readouterr().out
+        flags = [a for a in argv if a.startswith("--")]
+        assert flags and all(f in help_text for f in flags), (c.name, [f for f in flags if f not in help_text])

@@ -279,3 +279,25 @@ def test_format_metrics_table():
         format_metrics_table({"x": []})
     with pytest.raises(ValueError, match=r"^Invalid results: .*expected"):
         format_metrics_table([rows])
+
+
+def test_average_incremental_accuracy_by_hand():
+    from flatminima.continual.metrics import average_incremental_accuracy
+
+    # A_0 = 0.9; A_1 = (0.7 + 0.8) / 2 = 0.75; A_2 = (0.6 + 0.9 + 0.7) / 3 = 2.2 / 3
+    # AAA = (0.9 + 0.75 + 2.2 / 3) / 3
+    expected = (0.9 + 0.75 + 2.2 / 3) / 3
+    assert average_incremental_accuracy(A3) == pytest.approx(expected, abs=1e-15)
+    # weighted by test-set sizes n = (1, 3, 2) (PyCIL: all test samples of the seen classes):
+    # A_0 = 0.9; A_1 = (0.7·1 + 0.8·3) / 4 = 0.775; A_2 = (0.6·1 + 0.9·3 + 0.7·2) / 6 = 4.7 / 6
+    weighted = (0.9 + 0.775 + 4.7 / 6) / 3
+    assert average_incremental_accuracy(A3, weights=[1, 3, 2]) == pytest.approx(weighted, abs=1e-15)
+    assert average_incremental_accuracy(A3, weights=[5, 5, 5]) == pytest.approx(expected, abs=1e-15)
+    m = continual_metrics(A3, weights=[1, 3, 2])
+    assert m["average_incremental_accuracy"] == pytest.approx(weighted, abs=1e-15)
+    assert continual_metrics(A3)["average_incremental_accuracy"] == pytest.approx(expected, abs=1e-15)
+    assert "final_average_accuracy" not in m  # FAA is "average_accuracy": one key, no duplicate
+    assert continual_metrics([[0.83]])["average_incremental_accuracy"] == pytest.approx(0.83)
+    for bad in ([1, 2], [1, 0, 2], [1, float("nan"), 2], "abc"):
+        with pytest.raises(ValueError, match="weights"):
+            average_incremental_accuracy(A3, weights=bad)

@@ -95,7 +95,9 @@ def test_ordered_by_indices_names_and_subsets_with_validation():
 
 
 def test_registry_and_unknown_sequence_or_option():
-    assert ct.available_sequences() == ["permuted_fashion_mnist", "split_digits", "split_fashion_mnist", "vader"]
+    assert ct.available_sequences() == ["cars", "cifar100", "cub", "domain_folders", "domainnet", "fashion_folder",
+                                        "image_folder", "imagenet_r", "permuted_fashion_mnist", "split_digits",
+                                        "split_fashion_mnist", "vader"]
     assert ct.sequence_loader("Split-Fashion-MNIST") is ct.load_split_fashion_mnist
     with pytest.raises(ValueError, match="Invalid sequence: 'cifar'.*vader"):
         ct.load_sequence("cifar")

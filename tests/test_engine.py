@@ -248,6 +248,64 @@ def test_regularizer_is_added_once_per_pass_whatever_the_accumulation(method, n)
     torch.testing.assert_close(rec.grads[0], list(descent.values()), **TIGHT)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("method", ["base", "sam"])
+def test_regularizer_at_clean_adds_its_gradient_at_w_to_the_descent_gradient(method, n):
+    """``regularizer_at="clean"``: ε comes from the data loss alone and the descent gradient is the
+    method's plus ∇R(w), whatever the accumulation; the returned loss still includes R(w)."""
+    model, opt = build(method, momentum=0.0)
+    rec = Recorder(opt.base)
+    mbs = [batch(30 + i) for i in range(n)]
+    w = named(model)
+    clean = mean_dicts([f_grad(model, w, b) for b in mbs])
+    clean_loss = sum(f_loss(model, w, b) for b in mbs) / n + penalty(model).detach()
+    data = clean if method == "base" else f_grad(model, add(w, sam_eps(clean, RHO)), mbs[-1])
+    descent = add(data, f_penalty_grad(w))
+
+    result = TrainStep(model, opt, mse, regularizer=penalty, regularizer_at="clean")(mbs)
+
+    torch.testing.assert_close(result.loss, clean_loss, **TIGHT)
+    torch.testing.assert_close(rec.grads[0], list(descent.values()), **TIGHT)
+
+
+@pytest.mark.parametrize("method", ["base", "sam"])
+def test_descent_hook_sees_the_descent_gradient_at_w_and_its_edit_is_the_update(method):
+    """The hook runs once per step, weights at w, with the method's descent gradient in .grad; what
+    it leaves there is what the base optimizer steps with (here: half of fc1's gradient, fc2's zeroed)."""
+    model, opt = build(method, momentum=0.0)
+    ref_model, _ = build(method, momentum=0.0)
+    rec = Recorder(opt.base)
+    b = batch(40)
+    w = named(model)
+    clean = f_grad(model, w, b)
+    descent = clean if method == "base" else f_grad(model, add(w, sam_eps(clean, RHO)), b)
+    seen = []
+
+    def hook(m):
+        seen.append(({k: v.detach().clone() for k, v in m.named_parameters()},
+                     {k: v.grad.detach().clone() for k, v in m.named_parameters()}))
+        for k, v in m.named_parameters():
+            v.grad.mul_(0.5 if k.startswith("fc1") else 0.0)
+
+    TrainStep(model, opt, mse, descent_hook=hook)([b])
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0], w, **TIGHT)
+    torch.testing.assert_close(seen[0][1], descent, **TIGHT)
+    expected = [g * (0.5 if k.startswith("fc1") else 0.0) for k, g in descent.items()]
+    torch.testing.assert_close(rec.grads[0], expected, **TIGHT)
+    for (k, p), p0 in zip(model.named_parameters(), ref_model.parameters()):
+        if k.startswith("fc2"):
+            assert torch.equal(p, p0)  # a zeroed gradient, no momentum, no decay: not moved
+
+
+def test_regularizer_at_and_descent_hook_are_validated():
+    model, opt = build("sam")
+    with pytest.raises(ValueError, match="Invalid regularizer_at"):
+        TrainStep(model, opt, mse, regularizer=penalty, regularizer_at="perturbed")
+    with pytest.raises(ValueError, match="Invalid descent_hook"):
+        TrainStep(model, opt, mse, descent_hook="project")
+
+
 def test_regularizer_must_be_callable():
     model, opt = build("sam")
     with pytest.raises(ValueError, match="Invalid regularizer"):

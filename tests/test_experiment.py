@@ -131,7 +131,8 @@ def test_unknown_task_is_rejected():
 def test_config_files_match_presets():
     from flatminima.experiment import PRESETS
 
-    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(PRESETS)
+    examples = {"t5_continual"}  # read by examples/t5_continual.py, not a runner preset
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in examples) == sorted(PRESETS)
     for name in PRESETS:
         assert ExperimentConfig.load(CONFIGS / f"{name}.yaml") == preset(name), name
 

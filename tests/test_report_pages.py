@@ -177,7 +177,7 @@ def test_continual_report(tmp_path):
     records = _continual_records()
     write_results(tmp_path, config, records, wall_time=3.0, device=torch.device("cpu"), log=lambda _: None)
     page = _page((tmp_path / "report.html").resolve().as_uri())
-    _check_common(page, images=1 + 4)  # continual.png and one accuracy matrix per method × strategy
+    _check_common(page, images=1 + 8)  # continual.png, one accuracy matrix per method × strategy × evaluation
     tables = experiment_tables(records, config.diagnostics_samples)
     rest = _check_tables(page, tables, method_colours(["sgd", "sam"]))
     assert len(rest) == 1  # then the provenance facts
@@ -189,9 +189,9 @@ def test_continual_report(tmp_path):
     assert page["sections"] == ["Results", "Continual learning", "How this was produced"]
     assert page["captions"][0].startswith("Per method × strategy, the mean over 2 run(s)")
     assert page["captions"][1:] == [
-        f"Accuracy matrix of {g} (task-incremental), mean over 2 run(s): row j, column i is the accuracy on task i "
-        f"after training task j. ({g.replace(' / ', '__')}.png)"
-        for g in ("sgd / seq-lora", "sam / seq-lora", "sgd / o-lora", "sam / o-lora")]
+        f"Accuracy matrix of {g} ({e}-incremental), mean over 2 run(s): row j, column i is the accuracy on task i "
+        f"after training task j. ({g.replace(' / ', '__')}{'' if e == 'task' else '__' + e}.png)"
+        for e in ("task", "class") for g in ("sgd / seq-lora", "sam / seq-lora", "sgd / o-lora", "sam / o-lora")]
 
 
 def test_nonfinite_interpolation_points_are_counted_in_the_report(tmp_path):

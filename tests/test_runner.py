@@ -184,7 +184,7 @@ def test_continual_report_reads_well_in_a_headless_browser(continual_run):
         driver.quit()
     assert page["title"] == "continual-test: split_digits / resnet_lora"
     assert not page["broken_images"] and not page["dead_links"] and not page["errors"], page
-    assert page["images"] == 1 + 4  # the continual curves and one accuracy matrix per method × strategy
+    assert page["images"] == 1 + 8  # the continual curves and one accuracy matrix per method × strategy × evaluation
     headers = page["tables"]
     assert headers[0][:2] == ["method", "test accuracy (%)"]
     assert ["label", "ACC", "LA", "BWT", "forgetting", "FWT", "seeds"] in headers

@@ -114,6 +114,8 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu or cuda[:N]")
     parser.add_argument("--save-models", action="store_true", default=None,
                         help="save each run's state dict as runs/UNIT.pt")
+    parser.add_argument("--data-root", help="the folder of a dataset you downloaded (ImageNet-R, CIFAR-100, CUB, "
+                        "DomainNet, ...): task_options.root=DIR; without it such a preset says what to download")
 
 
 def diagnostics_help(action: argparse.Action) -> Callable[[argparse.ArgumentParser], None]:

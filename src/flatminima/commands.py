@@ -88,6 +88,7 @@ def experiment_overrides(args: argparse.Namespace, config: ExperimentConfig) -> 
     flags += _flag("device", args.device, f"--device {args.device}")
     flags += _flag("out_dir", args.out, f"--out {args.out}")
     flags += _flag("save_models", args.save_models, "--save-models")
+    flags += _flag("task_options.root", getattr(args, "data_root", None), f"--data-root {getattr(args, 'data_root', '')}")
     return flags + list(args.items)
 
 

@@ -40,26 +40,41 @@ penalty and the fold read factors through the LoRA protocol (:func:`flatminima.l
 Saving: every adapter (past and current) is in ``model.peft_config``, hence in ``model.state_dict()``
 and ``model.save_pretrained`` (the head is in the state dict only). :meth:`ContinualLoRA.merge`
 merges every active adapter, the current one included, into the base weights.
+
+Merge-then-reset (``seq-lora`` with ``reset=True``): at the end of each task the adapter's update is
+merged into the base weights, ``W0 ← W0 + s·B A`` (rows respected, formed in float64 and cast once,
+so a bf16 base is rounded once per task), and the adapter re-initialised (``A`` Kaiming-uniform
+from a generator seeded by ``(seed, task)``, ``B = 0``): the function is unchanged and every task
+trains a fresh adapter on top of the merged past (:mod:`.lifecycle`). InfLoRA's designed adapters
+need it (or ``inc-lora``).
+
+Models: ``inc-lora``, ``o-lora`` and ``n-lora`` need a ``peft.PeftModel`` (PEFT adds and deletes
+their adapters). ``seq-lora`` (with or without ``reset``) takes any model whose LoRA layers the
+protocol reads (PEFT's, :class:`~flatminima.lora.QKVLoRA` from :func:`flatminima.vit.vit_lora`, or a
+registered class): every active adapter of those layers trains. ``finetune`` takes any model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import re
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..lora import LoRALayer, LowRankAdapter, lora_layers, reduction_dtype
-from ..core.validation import check, check_int, check_nonnegative
-from ..core.schedules import derive_seed
+from ..core.validation import check, check_bool, check_int, check_nonnegative
+from ..lora import LoRALayer, LowRankAdapter, lora_layers, reduction_dtype, require_lora_layers
+from ..lora.layers import require_plain
+from .lifecycle import (add_peft_adapter, adapter_named, fold_peft_adapters, is_peft_model, merge_and_reset_,
+                        merge_into_base_, named_peft_modules, peft_layers, seeded)
 
 STRATEGIES = ("finetune", "seq-lora", "inc-lora", "o-lora", "n-lora")
 #: Strategies that fold each finished task into the frozen adapter :data:`PAST`.
 FOLDING = ("o-lora", "n-lora")
+#: Strategies that add an adapter per task: PEFT's adapters only.
+PEFT_ONLY = ("inc-lora", "o-lora", "n-lora")
 ORTH_SIDES = ("A", "B", "AB")
 PAST = "past"
 #: ``init_lora_weights`` values that leave the base weights alone (PiSSA, OLoRA, LoftQ, … rewrite
@@ -67,24 +82,10 @@ PAST = "past"
 SAFE_INITS = (True, False, "gaussian")
 
 
-def _adapter(layer: LoRALayer, name: str) -> Optional[LowRankAdapter]:
-    """The adapter ``name`` of ``layer`` (active or not), or None."""
-    return next(iter(layer.named(name)), None)
-
-
-def _matrices(layer: LoRALayer, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _matrices(adapter: LowRankAdapter, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """PEFT's ``(A, B)`` as ``r × n`` and ``m × r`` matrices in ``dtype``: a convolution's A
     ``(r, in, kh, kw)`` flattened, its B ``(out, r, 1, 1)`` squeezed (an embedding's ``B A`` is ``ΔWᵀ``)."""
-    adapter = _adapter(layer, name)
     return adapter.a.to(dtype).flatten(1), adapter.b.to(dtype).flatten(1)
-
-
-def _peft_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    """The PEFT LoRA layers of a ``PeftModel`` (where the task adapters live) read through the LoRA
-    protocol, by the key PEFT targets them with (a name inside ``base_model.model``)."""
-    from peft.tuners.lora import LoraLayer
-
-    return {layer.name: layer for layer in lora_layers(model.base_model.model) if isinstance(layer.module, LoraLayer)}
 
 
 #: Elements of ``B A`` formed at once by :func:`update_l1` (rows of ``B`` are taken in chunks).
@@ -122,24 +123,15 @@ def update_l1(a: Tensor, b: Tensor, scaling: float = 1.0) -> Tensor:
     return abs(scaling) * _UpdateL1.apply(a, b)
 
 
-@contextlib.contextmanager
-def _seeded(*keys: int) -> Iterator[None]:
-    """A forked CPU RNG seeded from ``keys``: PEFT draws new adapters' init (on CPU, before moving
-    them to the base layer's device) from the global generator, which must not move."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(derive_seed(*keys))  # not torch.manual_seed: it seeds CUDA too
-        yield
-
-
-def _config_problem(config, folding: bool) -> Optional[str]:
-    """Why ``config`` cannot make this strategy's adapters, or None."""
+def _config_problem(config, plain: bool) -> Optional[str]:
+    """Why ``config`` cannot make this strategy's adapters, or None (``plain``: variants refused)."""
     if config.modules_to_save:
         return "modules_to_save (name the head in trainable= instead)"
     if getattr(config, "target_parameters", None):
         return "target_parameters"
     if config.init_lora_weights not in SAFE_INITS:
         return f"init_lora_weights={config.init_lora_weights!r} (it rewrites the base weights)"
-    if folding:  # concatenation keeps the function of plain adapters only
+    if plain:  # concatenation and merge-then-reset keep the function of plain adapters only
         variants = [f.name for f in dataclasses.fields(config)
                     if f.metadata.get("is_lora_variant") and getattr(config, f.name)]
         variants += ["lora_bias"] if config.lora_bias else []
@@ -151,37 +143,46 @@ def _config_problem(config, folding: bool) -> Optional[str]:
 class ContinualLoRA:
     """Adapter bookkeeping for continual LoRA (see the module docstring for the strategies).
 
-    ``model``: a ``peft.PeftModel`` with one LoRA adapter (any ``nn.Module`` for ``finetune``).
+    ``model``: a ``peft.PeftModel`` with one LoRA adapter; for ``seq-lora`` any model with LoRA
+    layers the protocol reads; any ``nn.Module`` for ``finetune``.
     ``trainable``: names (exact, or a dotted suffix) of non-LoRA modules trained in every task.
     ``orth_weight`` (λ₁, O-LoRA only), ``l2_weight`` (λ₂, ``Σ‖P‖_F``) and ``l1_weight`` (λ,
     ``Σ_layers ‖s·B A‖₁``) weigh the penalty terms on the current adapter (O-LoRA: λ₁, λ₂; N-LoRA: λ).
     ``orth_side``: the factors O-LoRA compares (``"A"``, ``"B"`` or ``"AB"``, both summed);
-    ``squared``: ``(·)²`` instead of ``|·|``. ``config``: the ``LoraConfig`` of new adapters
-    (default: a copy of the model's adapter's). ``seed``: new adapters' init, with the task index.
+    ``squared``: ``(·)²`` instead of ``|·|``. ``reset`` (``seq-lora`` only): merge the adapter
+    into the base weights and re-initialise it at the end of each task. ``config``: the
+    ``LoraConfig`` of new adapters (default: a copy of the model's adapter's; PEFT models only).
+    ``seed``: new adapters' init, with the task index.
 
-    ``current``: the adapter being trained (None between tasks and for ``finetune``); ``past``: the
-    frozen active adapters (``[PAST]`` once O-LoRA/N-LoRA folded a task; seq-LoRA's one adapter
-    between tasks). ``has_penalty``: whether :meth:`penalty` can be non-zero. Call :meth:`start_task` before and :meth:`end_task` after each task, add
-    :meth:`penalty` to the loss and optimize :meth:`trainable_parameters`.
+    ``current``: the adapter being trained (None between tasks and for ``finetune``; on a model
+    outside PEFT, the names of its active adapters joined by ``+``); ``past``: the frozen active
+    adapters (``[PAST]`` once O-LoRA/N-LoRA folded a task; seq-LoRA's one adapter between tasks).
+    ``has_penalty``: whether :meth:`penalty` can be non-zero. Call :meth:`start_task` before and
+    :meth:`end_task` after each task, add :meth:`penalty` to the loss and optimize
+    :meth:`trainable_parameters`.
     """
 
     def __init__(self, model: nn.Module, strategy: str, *, trainable: Sequence[str] = (), orth_weight: float = 0.5,
                  l2_weight: float = 0.0, orth_side: str = "A", squared: bool = False, l1_weight: float = 0.0,
-                 config=None, seed: int = 0):
+                 reset: bool = False, config=None, seed: int = 0):
         check("strategy", strategy in STRATEGIES, strategy, f"one of {', '.join(STRATEGIES)}")
         for name, value in (("orth_weight", orth_weight), ("l2_weight", l2_weight), ("l1_weight", l1_weight)):
             check_nonnegative(name, value)
         check("orth_side", orth_side in ORTH_SIDES, orth_side, f"one of {', '.join(ORTH_SIDES)}")
         check("squared", isinstance(squared, bool), squared, "True or False")
+        check_bool("reset", reset)
+        check("reset", not reset or strategy == "seq-lora", reset,
+              f"False for {strategy} (reset=True: merge-then-reset, with strategy 'seq-lora' only)")
         check_int("seed", seed, 0)
         check("trainable", isinstance(trainable, (list, tuple)) and all(isinstance(t, str) for t in trainable),
               trainable, "a list or tuple of module names")
-        self.model, self.strategy, self.seed = model, strategy, seed
+        self.model, self.strategy, self.seed, self.reset = model, strategy, seed, reset
         self.orth_weight, self.l2_weight, self.l1_weight = float(orth_weight), float(l2_weight), float(l1_weight)
         self.orth_side, self.squared = orth_side, squared
         self.current: Optional[str] = None
         self.past: list[str] = []
         self._next_task, self._in_task, self.config = 0, False, None
+        self.peft = strategy != "finetune" and is_peft_model(model)
         if strategy != "finetune":
             self.config, self._first = self._check_model(model, config)
         self._head = self._check_trainable(trainable)
@@ -190,31 +191,50 @@ class ContinualLoRA:
 
     def _check_model(self, model: nn.Module, config):
         """The config of new adapters and the name of the model's adapter, or ValueError."""
-        from peft import LoraConfig, PeftModel
+        if not self.peft:
+            check("model", self.strategy not in PEFT_ONLY, type(model).__name__,
+                  f"a peft.PeftModel with one LoRA adapter for {self.strategy} (seq-lora and finetune take any "
+                  "model with LoRA layers)")
+            layers = require_lora_layers(model, f"strategy {self.strategy!r}")
+            check("config", config is None, type(config).__name__,
+                  "None (the config of new PEFT adapters; seq-lora on a model outside PEFT adds none)")
+            active = [a for layer in layers for a in layer.active()]
+            check("model", bool(active), "LoRA layers without an active adapter", "LoRA layers with active adapters")
+            if self.reset:
+                require_plain(layers, "model", "reset=True")
+            return None, "+".join(sorted({a.name for a in active}))
+        from peft import LoraConfig
         from peft.tuners.lora import LoraLayer
 
         expected = "a peft.PeftModel with one LoRA adapter"
-        ok = isinstance(model, PeftModel) and len(model.peft_config) == 1
+        ok = len(model.peft_config) == 1
         first = next(iter(model.peft_config)) if ok else None
         check("model", ok and isinstance(model.peft_config[first], LoraConfig) and bool(lora_layers(model)),
               type(model).__name__, expected)
         check("model", first != PAST and not re.fullmatch(r"task\d+", first), f"adapter {first!r}",
               f"an adapter not named {PAST!r} or 'task<t>' (names of the adapters added here)")
-        folding = self.strategy in FOLDING
+        plain = self.strategy in FOLDING or self.reset
         config = copy.deepcopy(model.peft_config[first] if config is None else config)
         check("config", isinstance(config, LoraConfig), type(config).__name__, "a peft.LoraConfig")
         for name, cfg in (("model", model.peft_config[first]), ("config", config)):
-            problem = _config_problem(cfg, folding)
+            problem = _config_problem(cfg, plain)
             check(name, problem is None, problem, "a plain LoRA adapter")
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         check("model", not any(m.merged for m in layers), "merged adapters", "unmerged adapters")
-        if folding:  # the fold and the penalty read A and B of Linear/Conv/Embedding layers
+        if plain:  # the fold, the merge and the penalty read A and B of Linear/Conv/Embedding layers
             supported = {id(layer.module) for layer in lora_layers(model)}
             check("model", all(id(m) in supported for m in layers), "LoRA on another layer type",
                   "LoRA on nn.Linear, nn.Conv1d/2d/3d or nn.Embedding layers only")
             check("model", all(getattr(m.get_base_layer(), "groups", 1) == 1 for m in layers), "grouped convolutions",
                   "convolutions with groups=1 (grouped LoRA factors do not concatenate)")
         return config, first
+
+    def _holds_lora(self, module: nn.Module) -> bool:
+        if self.peft:
+            from peft.tuners.lora import LoraLayer
+
+            return any(isinstance(s, LoraLayer) for s in module.modules())
+        return bool(lora_layers(module))
 
     def _check_trainable(self, names: Sequence[str]) -> list[nn.Module]:
         """The modules named in ``trainable`` (each name must match one at least)."""
@@ -223,10 +243,7 @@ class ContinualLoRA:
             hits = [m for n, m in self.model.named_modules() if n == want or n.endswith("." + want)]
             check("trainable", bool(hits), want, "names of modules of the model")
             if self.strategy != "finetune":  # their adapters' requires_grad is decided here, per task
-                from peft.tuners.lora import LoraLayer
-
-                check("trainable", not any(isinstance(s, LoraLayer) for m in hits for s in m.modules()), want,
-                      "names of non-LoRA modules")
+                check("trainable", not any(self._holds_lora(m) for m in hits), want, "names of non-LoRA modules")
             found += hits
         return found
 
@@ -250,17 +267,22 @@ class ContinualLoRA:
             self.current, self.past = self._first, [n for n in self.past if n != self._first]
         else:
             self.current = f"task{task}"
-            with _seeded(self.seed, task):
-                self._add_adapter(self.current, copy.deepcopy(self.config))
+            with seeded(self.seed, task):
+                add_peft_adapter(self.model, self.current, copy.deepcopy(self.config))
         self._activate()
 
     def end_task(self) -> None:
-        """Freeze the current adapter (O-LoRA/N-LoRA: fold it into :data:`PAST`); it stays active."""
+        """Freeze the current adapter (O-LoRA/N-LoRA: fold it into :data:`PAST`; ``reset``: merge it
+        into the base weights and re-initialise it); it stays active."""
         check("end_task", self._in_task, "a call without a task in progress", "start_task() first")
         self._in_task = False
+        task = self._next_task - 1
+        if self.reset:
+            merge_and_reset_(self.current_adapters(), self.seed, task)
         if self.strategy in FOLDING:
-            with _seeded(self.seed, self._next_task - 1, 1):
-                self._fold()
+            names = [n for n in (*self.past, self.current) if n is not None]
+            with seeded(self.seed, task, 1):
+                fold_peft_adapters(self.model, names, PAST, self.config.lora_dropout, self.config.fan_in_fan_out)
             self.past = [PAST]
         elif self.current is not None:
             self.past.append(self.current)
@@ -268,23 +290,32 @@ class ContinualLoRA:
         if self.strategy != "finetune":
             self._activate()
 
+    def current_adapters(self) -> list[tuple[LoRALayer, list[LowRankAdapter]]]:
+        """``(layer, adapters)`` of every LoRA layer holding the adapters that train now (empty
+        between tasks and for ``finetune``)."""
+        if self.current is None:
+            return []
+        if self.peft:
+            pairs = [(layer, adapter_named(layer, self.current)) for layer in peft_layers(self.model).values()]
+            return [(layer, [a]) for layer, a in pairs if a is not None]
+        return [(layer, layer.active()) for layer in lora_layers(self.model) if layer.active()]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The current adapter's parameters and the ``trainable`` modules' (``finetune``: all), in
         the model's order: what :meth:`start_task` leaves with ``requires_grad``."""
         if self.strategy == "finetune":
             return list(self.model.parameters())
         keep = {id(p) for m in self._head for p in m.parameters()}
-        if self.current is not None:
-            from peft.tuners.lora import LoraLayer
-
-            for layer in self.model.modules():
-                if isinstance(layer, LoraLayer):  # A, B and any variant's own tensors (DoRA's magnitude)
-                    for attr in layer.adapter_layer_names:
-                        part = getattr(layer, attr)
-                        if self.current in part:
-                            item = part[self.current]
-                            params = item.parameters() if isinstance(item, nn.Module) else [item]
-                            keep.update(id(p) for p in params)
+        if self.current is not None and self.peft:
+            for layer in named_peft_modules(self.model).values():  # A, B and any variant's tensors (DoRA's magnitude)
+                for attr in layer.adapter_layer_names:
+                    part = getattr(layer, attr)
+                    if self.current in part:
+                        item = part[self.current]
+                        params = item.parameters() if isinstance(item, nn.Module) else [item]
+                        keep.update(id(p) for p in params)
+        elif self.current is not None:
+            keep.update(id(t) for _, adapters in self.current_adapters() for a in adapters for t in (a.a, a.b))
         return [p for p in self.model.parameters() if id(p) in keep]
 
     # ------------------------------------------------------------------ penalty
@@ -300,24 +331,24 @@ class ContinualLoRA:
         ``loss + penalty()`` trains exactly as ``loss``. The ℓ1 term never keeps a layer's
         ``out × in`` update for the backward (:func:`update_l1`)."""
         terms: list[Tensor] = []
-        if self.current is not None and self.strategy != "finetune":
+        if self.has_penalty:
             orth = self.orth_weight if self.strategy == "o-lora" and PAST in self.past else 0.0
-            for layer in _peft_layers(self.model).values():
-                if _adapter(layer, self.current) is not None:
-                    terms += self._layer_terms(layer, orth)
+            for layer, adapters in self.current_adapters():
+                for adapter in adapters:
+                    terms += self._layer_terms(layer, adapter, orth)
         if not terms:
             param = next(self.model.parameters())
             return torch.zeros((), dtype=reduction_dtype(param), device=param.device)
         return torch.stack(terms).sum()
 
-    def _layer_terms(self, layer: LoRALayer, orth: float) -> list[Tensor]:
-        """One layer's weighted terms of :meth:`penalty`."""
-        current = _adapter(layer, self.current)
+    def _layer_terms(self, layer: LoRALayer, current: LowRankAdapter, orth: float) -> list[Tensor]:
+        """One adapter's weighted terms of :meth:`penalty`."""
         dtype = reduction_dtype(current.a)
-        a, b = _matrices(layer, self.current, dtype)
+        a, b = _matrices(current, dtype)
         terms = []
-        if orth > 0 and _adapter(layer, PAST) is not None:
-            a_past, b_past = _matrices(layer, PAST, dtype)
+        past = adapter_named(layer, PAST) if orth > 0 else None
+        if past is not None:
+            a_past, b_past = _matrices(past, dtype)
             products = (([a_past @ a.T] if "A" in self.orth_side else [])
                         + ([b_past.T @ b] if "B" in self.orth_side else []))
             terms += [orth * (p.square() if self.squared else p.abs()).sum() for p in products]
@@ -332,65 +363,31 @@ class ContinualLoRA:
     def merge(self) -> nn.Module:
         """The plain model with every active adapter (past and current) merged into its base weights:
         ``W = W0 + Σ_active s·BA`` (PEFT's ``merge_and_unload``). The PEFT wrapper is consumed: use
-        the returned model (``finetune``: the model itself)."""
+        the returned model (``finetune``: the model itself). A model outside PEFT keeps its LoRA
+        modules: ``ΔW`` is merged into their base weights (in float64, cast once) and every
+        ``B`` set to 0, so they add nothing; the model itself is returned."""
         if self.strategy == "finetune":
+            return self.model
+        if not self.peft:
+            with torch.no_grad():
+                for layer in lora_layers(self.model):
+                    merge_into_base_(layer, layer.active())
+                    for adapter in layer.active():
+                        adapter.b.zero_()
             return self.model
         names = self.past + ([self.current] if self.current is not None else [])
         return self.model.merge_and_unload(adapter_names=names or list(self.model.active_adapters))
 
     # ------------------------------------------------------------------ internals
 
-    def _add_adapter(self, name: str, config) -> None:
-        from peft import PeftModel
-
-        # PeftModel's add_adapter, not a task subclass's: PeftModelForSequenceClassification would add
-        # the classifier to modules_to_save, which PEFT refuses with several active adapters.
-        PeftModel.add_adapter(self.model, name, config)
-        for layer in self._named_layers().values():
-            layer.train(layer.training)  # new adapter modules are built in training mode
-
-    def _named_layers(self) -> dict[str, nn.Module]:
-        """LoRA layers by the key PEFT targets them with (a name inside ``base_model.model``)."""
-        from peft.tuners.lora import LoraLayer
-
-        return {k: m for k, m in self.model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
-
-    @torch.no_grad()
-    def _fold(self) -> None:
-        """Replace the past and current adapters by :data:`PAST` = their concatenation (module docstring)."""
-        from peft import LoraConfig
-
-        names = [n for n in (*self.past, self.current) if n is not None]
-        folded = {}
-        for key, layer in _peft_layers(self.model).items():
-            parts = [a for a in (_adapter(layer, n) for n in names) if a is not None]
-            if parts:  # the tensors as stored (a convolution's kernels, an embedding's parameters)
-                folded[key] = (torch.cat([p.a for p in parts], 0),
-                               torch.cat([p.b * float(p.scaling) for p in parts], 1))
-        for n in names:
-            self.model.delete_adapter(n)
-        # One rank per layer (rank_pattern) and α = r (scaling 1); escaped full keys, longest first, so a
-        # key never takes the rank of a key it ends with.
-        keys = sorted(folded, key=len, reverse=True)
-        ranks = {re.escape(k): folded[k][0].shape[0] for k in keys}
-        top = max(ranks.values())
-        config = LoraConfig(r=top, lora_alpha=top, rank_pattern=ranks, alpha_pattern=dict(ranks),
-                            target_modules="^(?:" + "|".join(ranks) + ")$", lora_dropout=self.config.lora_dropout,
-                            fan_in_fan_out=self.config.fan_in_fan_out)
-        self._add_adapter(PAST, config)
-        layers = _peft_layers(self.model)
-        for key, (a, b) in folded.items():
-            past = _adapter(layers[key], PAST)
-            past.a.copy_(a)
-            past.b.copy_(b)
-
     def _activate(self) -> None:
         """Past and current adapters active (the forward sums them), only the trainable ones with grad."""
-        names = self.past + ([self.current] if self.current is not None else [])
-        # LoraModel.set_adapter takes a list (PeftModel's takes one name) and turns requires_grad on for
-        # every listed adapter: _set_requires_grad freezes the past ones again.
-        self.model.base_model.set_adapter(names)
-        self.model.active_adapter = names[-1]  # PeftModel's own lookups need one existing adapter name
+        if self.peft:
+            names = self.past + ([self.current] if self.current is not None else [])
+            # LoraModel.set_adapter takes a list (PeftModel's takes one name) and turns requires_grad on
+            # for every listed adapter: _set_requires_grad freezes the past ones again.
+            self.model.base_model.set_adapter(names)
+            self.model.active_adapter = names[-1]  # PeftModel's own lookups need one existing adapter name
         self._set_requires_grad()
 
     def _set_requires_grad(self) -> None:

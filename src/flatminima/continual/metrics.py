@@ -14,6 +14,10 @@ Metrics (all accuracies in [0, 1]; ``NaN`` where a metric is undefined):
 
       ACC = 1/T * sum_{i=0}^{T-1} a[T-1][i]
 
+* average incremental accuracy (AAA, Rebuffi et al. 2017, iCaRL): ``A_j = 1/(j+1) sum_{i<=j} a[j][i]``
+  (the tasks seen so far), ``AAA = 1/T sum_j A_j``; PyCIL (Zhou et al. 2023) weights ``A_j`` by the
+  test-set sizes (``weights=``). The final average accuracy (FAA) is ``A_{T-1}`` = ACC (no alias).
+
 * learning accuracy (LA, Riemer et al. 2019, "Learning to Learn without Forgetting by Maximizing
   Transfer and Minimizing Interference")::
 
@@ -36,9 +40,9 @@ Metrics (all accuracies in [0, 1]; ``NaN`` where a metric is undefined):
   ``f_i`` is negative when the final accuracy beats every earlier one (positive backward transfer).
 
 * forward transfer (FWT, Lopez-Paz & Ranzato 2017): how much training on tasks 0..i-1 helps task
-  i before it is trained on, relative to a baseline accuracy ``b_i`` that the caller states (GEM
-  uses the accuracy of the randomly initialised model on task i; others use a model trained on
-  task i alone); undefined for T = 1 or without a baseline::
+  i before it is trained on, relative to a baseline accuracy ``b_i`` the caller states (GEM: the
+  randomly initialised model; others: a model trained on task i alone); undefined for T = 1 or
+  without a baseline::
 
       FWT = 1/(T-1) * sum_{i=1}^{T-1} (a[i-1][i] - b_i)
 
@@ -62,18 +66,9 @@ import numpy as np
 from .._files import write_text
 from ..core.validation import check, check_described
 
-__all__ = [
-    "average_accuracy",
-    "learning_accuracy",
-    "backward_transfer",
-    "forgetting",
-    "forgetting_per_task",
-    "forward_transfer",
-    "continual_metrics",
-    "save_accuracy_matrix",
-    "plot_accuracy_matrix",
-    "format_metrics_table",
-]
+__all__ = ["average_accuracy", "average_incremental_accuracy", "learning_accuracy", "backward_transfer",
+           "forgetting", "forgetting_per_task", "forward_transfer", "continual_metrics", "save_accuracy_matrix",
+           "plot_accuracy_matrix", "format_metrics_table"]
 
 _NAN = float("nan")
 
@@ -124,6 +119,23 @@ def average_accuracy(a: Any) -> float:
     (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018)."""
     m = _as_accuracy_matrix(a)
     return float(m[-1].mean())
+
+
+def average_incremental_accuracy(a: Any, weights: Any = None) -> float:
+    """Average incremental accuracy (Rebuffi et al. 2017, iCaRL): ``AAA = 1/T sum_j A_j`` with
+    ``A_j = 1/(j+1) sum_{i<=j} a[j][i]``, the accuracy on the tasks seen after step j. ``weights``:
+    None (each task counts alike) or the ``T`` test-set sizes ``n_i`` (PyCIL's sample-weighted
+    accuracy, ``A_j = sum_{i<=j} n_i a[j][i] / sum_{i<=j} n_i``)."""
+    m = _as_accuracy_matrix(a)
+    T = m.shape[0]
+    w = np.ones(T)
+    if weights is not None:
+        expected = f"None or {T} positive finite numbers (the test-set size of each task)"
+        w = _as_array("weights", weights, expected)
+        check_described("weights", w.ndim == 1 and w.shape[0] == T and bool(np.all(np.isfinite(w)))
+                        and bool(np.all(w > 0)), _short(w.tolist()), expected)
+    seen = np.tril(np.ones((T, T)))  # row j: the tasks i <= j
+    return float(((seen * w * m).sum(1) / (seen * w).sum(1)).mean())
 
 
 def learning_accuracy(a: Any) -> float:
@@ -190,25 +202,23 @@ def forward_transfer(a: Any, baseline: Any) -> float:
     return float((np.diag(m, k=1) - b[1:]).mean())
 
 
-def continual_metrics(a: Any, baseline: Any = None) -> dict[str, Any]:
+def continual_metrics(a: Any, baseline: Any = None, weights: Any = None) -> dict[str, Any]:
     """All the metrics of this module for one accuracy matrix (see the module docstring):
 
-    ``{"T": int, "average_accuracy", "learning_accuracy", "backward_transfer", "forgetting",
-    "forward_transfer": float, "forgetting_per_task": list[float]}``, ``NaN`` where undefined
-    (``T = 1``; forward transfer without ``baseline``).
+    ``{"T": int, "average_accuracy", "average_incremental_accuracy", "learning_accuracy",
+    "backward_transfer", "forgetting", "forward_transfer": float, "forgetting_per_task":
+    list[float]}``, ``NaN`` where undefined (``T = 1``; forward transfer without ``baseline``).
+    ``average_accuracy`` is the final average accuracy (FAA); ``weights`` (test-set sizes) weight
+    the average incremental accuracy only (:func:`average_incremental_accuracy`).
     """
     m = _as_accuracy_matrix(a)
     if baseline is not None:
         _as_baseline(baseline, m.shape[0])
-    return {
-        "T": int(m.shape[0]),
-        "average_accuracy": average_accuracy(m),
-        "learning_accuracy": learning_accuracy(m),
-        "backward_transfer": backward_transfer(m),
-        "forgetting": forgetting(m),
-        "forward_transfer": forward_transfer(m, baseline),
-        "forgetting_per_task": forgetting_per_task(m),
-    }
+    aaa = average_incremental_accuracy(m, weights)  # weights checked before any other work
+    return {"T": int(m.shape[0]), "average_accuracy": average_accuracy(m), "average_incremental_accuracy": aaa,
+            "learning_accuracy": learning_accuracy(m), "backward_transfer": backward_transfer(m),
+            "forgetting": forgetting(m), "forward_transfer": forward_transfer(m, baseline),
+            "forgetting_per_task": forgetting_per_task(m)}
 
 
 def _task_names(task_names: Optional[Sequence[str]], T: int) -> list[str]:
@@ -300,14 +310,11 @@ def plot_accuracy_matrix(a: Any, path: os.PathLike | str, task_names: Optional[S
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
     side = min(14.0, max(4.5, 0.75 * T + 2.5))
     fig, ax = plt.subplots(figsize=(side + 1.2, side), constrained_layout=True)
     cmap = plt.get_cmap("viridis")
     image = ax.imshow(100 * m, cmap=cmap, vmin=0.0, vmax=100.0, interpolation="nearest")
-    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    colorbar.set_label("accuracy (%)")
-
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("accuracy (%)")
     fontsize = max(5.0, min(10.0, 110.0 / T))
     for j in range(T):
         for i in range(T):
@@ -325,19 +332,14 @@ def plot_accuracy_matrix(a: Any, path: os.PathLike | str, task_names: Optional[S
     # The diagonal (each task right after it was learned) framed.
     for i in range(T):
         ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", lw=1.2))
-
-    ax.set_xticks(range(T))
-    ax.set_yticks(range(T))
-    ax.set_xticklabels(tasks, rotation=45 if max(len(t) for t in tasks) > 3 else 0,
-                       ha="right" if max(len(t) for t in tasks) > 3 else "center")
-    ax.set_yticklabels(tasks)
-    ax.set_xlabel("accuracy on task i")
-    ax.set_ylabel("after training task j")
+    long = max(len(t) for t in tasks) > 3
+    ax.set_xticks(range(T), tasks, rotation=45 if long else 0, ha="right" if long else "center")
+    ax.set_yticks(range(T), tasks)
+    ax.set(xlabel="accuracy on task i", ylabel="after training task j")
     ax.set_xticks(np.arange(-0.5, T, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, T, 1), minor=True)
     ax.grid(which="minor", color="white", lw=0.5, alpha=0.5)
     ax.tick_params(which="minor", length=0)
-
     metrics = continual_metrics(m)
 
     def pct(key: str, signed: bool = False) -> str:
@@ -361,9 +363,7 @@ def _mean_std(values: Sequence[float]) -> str:
     x = 100 * np.asarray(finite)
     std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
     text = f"{float(x.mean()):.2f} ± {std:.2f}"
-    if len(finite) < len(values):
-        text += f" (n={len(finite)})"
-    return text
+    return text + (f" (n={len(finite)})" if len(finite) < len(values) else "")
 
 
 _TABLE_COLUMNS = (("ACC", "average_accuracy"), ("LA", "learning_accuracy"), ("BWT", "backward_transfer"),

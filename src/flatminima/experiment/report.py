@@ -40,7 +40,8 @@ from ..diagnostics.report import SUMMARY_LABELS
 from .provenance import device_info, git_state, package_versions
 from .tables import Cell, Table
 
-__all__ = ["Figure", "Section", "diagnose_facts", "format_value", "provenance_facts", "provenance_section",
+__all__ = ["SECTION_TEXTS", "Figure", "Section",
+           "diagnose_facts", "format_value", "provenance_facts", "provenance_section",
            "render_html", "value_cell", "value_table", "write_diagnose_report", "write_experiment_report",
            "write_html_report"]
 
@@ -51,6 +52,15 @@ MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jp
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 #: The title of the section every report ends with.
 PROVENANCE_TITLE = "How this was produced"
+#: What a section of an experiment's page measures, printed above its tables.
+SECTION_TEXTS = {"Flatness across tasks": (
+    "After each task j, for every task i learned so far: the top Hessian eigenvalue λ_max (Lanczos) and the "
+    "Hessian trace (Hutchinson) of task i's loss at the weights after task j, in each parameter space (lora: the "
+    "active adapters' factors; all: every weight), on the first test batches of task i; and the loss of task i on "
+    "the straight line θ(t) = (1 − t)·θ_i + t·θ_j from the weights after task i, summarized by its barrier "
+    "max_t L(θ(t)) − max(L(θ(0)), L(θ(1))). Row j, column i of each matrix; undefined cells hatched.\n\n"
+    "The table correlates λ_max of each task right after it was learned (the diagonal) with its forgetting at "
+    "the end, max over the rows since it was learned minus the final accuracy, for the tasks before the last.")}
 
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
                           autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -244,13 +254,14 @@ def write_experiment_report(out: Path, config: Any, tables: Sequence[Table], fig
                             notes: str = "", provenance: Optional[Mapping[str, Any]] = None,
                             colours: Optional[Mapping[str, str]] = None) -> Path:
     """``out/report.html`` of an experiment: one section per table section (``Results``,
-    ``Flatness``, ``Continual learning``: each :class:`Table`'s ``section``) with its tables and
-    the figures of ``figures[section]``, ``notes`` under Results, then "How this was produced"
+    ``Flatness``, ``Continual learning``, ``Flatness across tasks``: each :class:`Table`'s ``section``)
+    with its tables and the figures of ``figures[section]``, ``notes`` under Results (and
+    :data:`SECTION_TEXTS` under the others), then "How this was produced"
     (the command that reruns it, :func:`provenance_facts` of ``provenance``, the configuration).
     ``colours``: the experiment's method colours (:func:`flatminima.experiment.plots.method_colours`)."""
     sections = []
     for title in dict.fromkeys([*(t.section for t in tables), *figures]):
-        sections.append(Section(title, text=notes if title == "Results" else "",
+        sections.append(Section(title, text=notes if title == "Results" else SECTION_TEXTS.get(title, ""),
                                 tables=[t for t in tables if t.section == title], figures=list(figures.get(title, []))))
     config_file = next((out / n for n in ("config.yaml", "config.json") if (out / n).is_file()), out / "config.yaml")
     facts = {"rerun": f"flatminima run {config_file}", "report only": f"flatminima run {config_file} --report-only",

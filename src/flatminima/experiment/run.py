@@ -45,11 +45,12 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
     """
     config.validate()
     device = resolve_device(config.device)
+    loaded = load_data(config)  # data that is missing fails here, before the output folder exists
     out = prepare_out(config.out_dir)
     with OutputLock(out):
         for stale in remove_temporaries(out):
             log(f"removed {stale}, left by a run that was killed while writing")
-        return _run_units(config, device, out, progress, log, train)
+        return _run_units(config, device, out, progress, log, train, loaded)
 
 
 def load_data(config: ExperimentConfig) -> tuple[Optional[Dataset], Any]:
@@ -71,8 +72,8 @@ def _checkpoints(config: ExperimentConfig, out: Path, continual: bool) -> Callab
 
 
 def _run_units(config: ExperimentConfig, device: torch.device, out: Path, progress: Optional[bool],
-               log: Callable[[str], None], train: bool) -> dict[str, Any]:
-    data, sequence = load_data(config)
+               log: Callable[[str], None], train: bool, loaded: tuple[Optional[Dataset], Any]) -> dict[str, Any]:
+    data, sequence = loaded
     shared = run_provenance(config, device, data if sequence is None else sequence)
     data = data.to(device) if data is not None else None
     sequence = sequence.to(device) if sequence is not None else None
@@ -117,7 +118,7 @@ def _run_units(config: ExperimentConfig, device: torch.device, out: Path, progre
             else:
 
                 record = train_continual(config, sequence, unit.label, unit.seed, unit.strategy, list(unit.order),
-                                         device, shown.step)
+                                         device, shown.step, unit_dir=out / "runs" / unit.id)
             record["unit"] = unit.id
             record["fingerprint"] = fingerprint(config, unit)
             record["provenance"] = unit_provenance(shared, config, unit.seed, unit_settings(config, unit),

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 from .. import methods as _methods
+from ..continual.flatness import flatness_forgetting_correlation
+from ..continual.metrics import average_incremental_accuracy
 from .records import DIAGNOSTIC_KEYS, group_records, record_group
 
 #: Headline diagnostics in the flatness table: (``diagnostics.summary`` key, column title).
@@ -227,7 +229,9 @@ def flatness_table(records: Sequence[dict], samples: Optional[int] = None) -> Op
 def continual_tables(records: Sequence[dict]) -> list[Table]:
     """The continual metrics per method × strategy (in %, mean ± std over seeds and task orders)
     in the training scenario and every other one evaluated, the top Hessian eigenvalue after each
-    task per space, and the time per step."""
+    task per space, AAA/FAA/forgetting/BWT per evaluation (:func:`continual_summary_table`), the
+    time per step, and, when the runs measured per-task flatness, its correlation with forgetting
+    (:func:`flatness_forgetting_table`)."""
     groups = group_records(records)
     scenario = records[0]["scenario"]
     tables = []
@@ -235,6 +239,7 @@ def continual_tables(records: Sequence[dict]) -> list[Table]:
         columns = [[_finite([100 * v if v is not None else None for v in (r["metrics"][s][key] for r in runs)])
                     for runs in groups.values()] for _, key in _METRIC_COLUMNS]
         caption = (f"Continual metrics ({s}-incremental, in %; mean ± std over seeds × orders):" if s == scenario
+                   else "The same models scored by nearest class mean:" if s == "nme"
                    else f"The same models evaluated {s}-incremental:")
         tables.append(_table(f"continual_{s}", "Continual learning", caption, "label", [c for c, _ in _METRIC_COLUMNS],
                              groups, columns, counts=True, expected=[len(rs) for rs in groups.values()]))
@@ -244,13 +249,78 @@ def continual_tables(records: Sequence[dict]) -> list[Table]:
         tables.append(_table(f"lambda_max_{space}", "Continual learning",
                              f"Top Hessian eigenvalue ({space} parameters) on the task just learned:",
                              "method / strategy", [f"after {t}" for t in tasks], groups, columns))
+    tables.append(continual_summary_table(records))
     ref = reference_method(records)
     ref_time = mean_std([r["final"]["time_per_step_s"] for r in groups[ref]])[0] if ref else math.nan
     ms = [[1000 * r["final"]["time_per_step_s"] for r in runs] for runs in groups.values()]
     ratio = [[r["final"]["time_per_step_s"] / ref_time for r in runs] for runs in groups.values()]
     tables.append(_table("continual_time", "Continual learning", "Training time:", "method / strategy",
                          ["ms/step", "time/step vs reference"], groups, [ms, ratio], spread=(False, False)))
-    return tables
+    correlation = flatness_forgetting_table(records)  # its own section, after the continual one
+    return tables + ([correlation] if correlation is not None else [])
+
+
+def evaluations(records: Sequence[dict]) -> list[str]:
+    """The evaluations of continual records ("task", "class", "domain", "nme"), the training
+    scenario first, then in first-seen order."""
+    seen = [records[0]["scenario"]] + [e for r in records for e in r.get("accuracy", {})]
+    return [e for e in dict.fromkeys(seen) if any(e in r.get("accuracy", {}) for r in records)]
+
+
+def _aaa(record: dict, evaluation: str) -> Optional[float]:
+    value = record.get("metrics", {}).get(evaluation, {}).get("average_incremental_accuracy")
+    if value is None and evaluation in record.get("accuracy", {}):  # older records: from the matrix
+        value = average_incremental_accuracy(record["accuracy"][evaluation])
+    return value
+
+
+def continual_summary_table(records: Sequence[dict]) -> Table:
+    """AAA, FAA, forgetting and BWT (in %, mean ± std over seeds × orders) per method × strategy and
+    evaluation: AAA the average incremental accuracy (iCaRL), FAA the final average accuracy."""
+    groups = {f"{g} ({e})": [r for r in runs if e in r.get("metrics", {})]
+              for g, runs in group_records(records).items() for e in evaluations(records)}
+    groups = {g: runs for g, runs in groups.items() if runs}
+    evaluation = {g: g.rsplit(" (", 1)[1][:-1] for g in groups}
+    getters = [lambda r, e: _aaa(r, e)] + [lambda r, e, k=k: r["metrics"][e].get(k)
+                                          for k in ("average_accuracy", "forgetting", "backward_transfer")]
+    columns = [[_finite([None if (v := get(r, evaluation[g])) is None else 100 * v for r in runs])
+                for g, runs in groups.items()] for get in getters]
+    return _table("continual_summary", "Continual learning", "Average incremental accuracy (AAA), final average "
+                  "accuracy (FAA), forgetting and BWT per evaluation (in %; mean ± std over seeds × orders):",
+                  "method / strategy (evaluation)", ["AAA", "FAA", "forgetting", "BWT"], groups, columns,
+                  counts=True, expected=[len(rs) for rs in groups.values()])
+
+
+def _interval(value: Optional[float], ci: Optional[Sequence[float]]) -> Cell:
+    if value is None:
+        return Cell("–", n=0)
+    text = f"{value:+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+    return Cell(text, value)
+
+
+def flatness_forgetting_table(records: Sequence[dict], quantity: str = "lambda_max") -> Optional[Table]:
+    """Per method × strategy and parameter space, the correlation between λ_max of task i right
+    after learning it and its final forgetting
+    (:func:`~flatminima.continual.flatness.flatness_forgetting_correlation`, training scenario),
+    with bootstrap 95 % CIs over units; None when no record has per-task flatness (older runs)."""
+    keys = [k for r in records for k in ((r.get("flatness") or {}).get("quantities") or {})]
+    spaces = [k.split("/", 1)[1] for k in dict.fromkeys(keys) if k.startswith(f"{quantity}/")]
+    if not spaces:
+        return None
+    rows = []
+    for g, runs in group_records(records).items():
+        for space in spaces:
+            c = flatness_forgetting_correlation(runs, space, quantity)
+            if c["n_units"]:
+                rows.append([Cell(f"{g} ({space})"), Cell(str(c["n_units"]), float(c["n_units"])),
+                             Cell(str(c["n_points"]), float(c["n_points"])), _interval(c["pearson"], c["pearson_ci"]),
+                             _interval(c["spearman"], c["spearman_ci"])])
+    if not rows:
+        return None
+    return Table("flatness_forgetting", "Flatness across tasks", "Correlation between λ_max of each task right after "
+                 "learning it and its forgetting at the end (tasks before the last, pooled over seeds × orders; "
+                 "[95 % bootstrap CI over units, 1000 resamples]):",
+                 ["method / strategy (space)", "units", "points", "Pearson r", "Spearman ρ"], rows)
 
 
 def experiment_tables(records: Sequence[dict], diagnostics_samples: Optional[int] = None) -> list[Table]:
@@ -281,4 +351,16 @@ def mean_matrices(records: Sequence[dict], scenario: str) -> dict[str, list[list
         mats = [r["accuracy"][scenario] for r in rs]
         T = len(mats[0])
         out[g] = [[sum(m[j][i] for m in mats) / len(mats) for i in range(T)] for j in range(T)]
+    return out
+
+
+def mean_flatness(records: Sequence[dict[str, Any]]) -> dict[str, list[list[Optional[float]]]]:
+    """Entry-wise mean of the runs' flatness matrices (None where no run has a value)."""
+    out: dict[str, list[list[Optional[float]]]] = {}
+    for key in dict.fromkeys(k for r in records for k in ((r.get("flatness") or {}).get("quantities") or {})):
+        mats = [r["flatness"]["quantities"][key] for r in records if key in (r.get("flatness") or {}).get(
+            "quantities", {})]
+        T = len(mats[0])
+        cells = [[[m[j][i] for m in mats if m[j][i] is not None] for i in range(T)] for j in range(T)]
+        out[key] = [[sum(c) / len(c) if c else None for c in row] for row in cells]
     return out

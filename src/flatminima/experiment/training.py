@@ -5,12 +5,18 @@ Inputs are image tensors or, for text tasks, dicts of token tensors fed as ``mod
 over the last epoch's steps; methods whose steps have no clean pass (RWP, LPF-SGD, Flat-LoRA) report
 their first (noisy) pass instead. The time per step is the wall time of the training steps only (the
 device synchronized at the boundaries).
+
+Data is an in-memory :class:`~flatminima.data.Dataset` (batches indexed from tensors) or a dataset
+that streams from disk (:class:`~flatminima.data.FolderDataset`: images decoded by DataLoader
+workers); both shuffle from the unit's generator, drop the last partial batch and evaluate the
+whole test split.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional
+import math
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +24,7 @@ from torch import nn
 
 from .. import methods as _methods
 from ..core.validation import check
-from ..data import Dataset, Inputs, take
+from ..data import Dataset, Inputs, inputs_to, take
 from ..diagnostics.report import report
 from ..engine import TrainStep
 from ..lora import support_from_spec
@@ -94,6 +100,80 @@ def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int,
     return correct.item() / len(y), loss.item() / len(y)
 
 
+def streams(data: Any) -> bool:
+    """Whether ``data`` streams its batches from disk (a :class:`~flatminima.data.FolderDataset`)."""
+    return hasattr(data, "train_loader")
+
+
+@torch.no_grad()
+def evaluate_data(model: nn.Module, data: Any, batch_size: int,
+                  logit_mask: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """:func:`evaluate` on ``data``'s test split, in memory or streamed (same sums, same order)."""
+    if not streams(data):
+        return evaluate(model, data.x_test, data.y_test, batch_size, logit_mask)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in data.test_loader(batch_size):
+        x, y = inputs_to(x, device), y.to(device)
+        logits_ = logits(model, x).float()
+        if logit_mask is not None:
+            logits_ = logits_ + logit_mask
+        loss += F.cross_entropy(logits_, y, reduction="sum")
+        correct += (logits_.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(data.y_test)
+    return correct.item() / n, loss.item() / n
+
+
+def epoch_batches(data: Any, batch_size: int, shuffle: torch.Generator,
+                  device: torch.device) -> Iterator[tuple[Inputs, torch.Tensor]]:
+    """One epoch of full training batches in the order ``shuffle`` draws, on ``device``."""
+    if streams(data):
+        for x, y in data.train_loader(batch_size, shuffle, drop_last=True):
+            yield inputs_to(x, device), y.to(device)
+        return
+    order = torch.randperm(len(data.y_train), generator=shuffle).to(device)
+    for b in range(len(data.y_train) // batch_size):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        yield take(data.x_train, idx), data.y_train[idx]
+
+
+def ordered_train_batches(data: Any, batch_size: int, device: torch.device,
+                          limit: Optional[int] = None) -> Iterator[tuple[Inputs, torch.Tensor]]:
+    """At most ``limit`` training batches in the split's own order, without augmentation (what a
+    continual baseline computes its statistics on: a Fisher, an input subspace, prototypes)."""
+    if streams(data):
+        for b, (x, y) in enumerate(data.eval_train_loader(batch_size)):
+            if limit is not None and b >= limit:
+                return
+            yield inputs_to(x, device), y.to(device)
+        return
+    n = len(data.y_train)
+    for b, i in enumerate(range(0, n, batch_size)):
+        if limit is not None and b >= limit:
+            return
+        yield inputs_to(take(data.x_train, slice(i, i + batch_size)), device), data.y_train[i:i + batch_size].to(device)
+
+
+def lr_schedule(base: torch.optim.Optimizer, kind: str, total: int, warmup_steps: int = 0):
+    """The per-step schedule: ``cosine`` (to 0 over ``total`` steps) or ``constant``, after a linear
+    warm-up ``lr·(s+1)/W`` over the first ``W = warmup_steps`` steps (cosine then runs over the rest)."""
+    if warmup_steps == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if kind == "cosine" else None
+    check("warmup_steps", warmup_steps < total, warmup_steps, f"fewer than the {total} steps of the run")
+    rest = total - warmup_steps
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / rest)) if kind == "cosine" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(base, factor)
+
+
 def _base_optimizer(params, base: dict[str, Any]) -> torch.optim.Optimizer:
     if base["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=base["lr"], momentum=base["momentum"], weight_decay=base["weight_decay"])
@@ -111,6 +191,9 @@ def diagnostic_batches(config: ExperimentConfig, data: Dataset) -> list:
     batches of at most 256."""
     n = min(config.diagnostics_samples, len(data.y_test))
     size = min(256, config.eval_batch_size)
+    if streams(data):
+        x, y = data.test_batch(n)
+        return [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
     return [(take(data.x_test, slice(i, min(i + size, n))), data.y_test[i:min(i + size, n)]) for i in range(0, n, size)]
 
 
@@ -163,7 +246,10 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
                 loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
                 regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
                 shuffle: Optional[torch.Generator] = None, method_seed: Optional[int] = None,
-                evaluate_fn: Optional[Callable[[nn.Module], tuple[float, float]]] = None) -> dict[str, Any]:
+                evaluate_fn: Optional[Callable[[nn.Module], tuple[float, float]]] = None,
+                regularizer_at: str = "every", descent_hook: Optional[Callable[[nn.Module], None]] = None,
+                batch_hook: Optional[Callable[[tuple[Any, torch.Tensor]], tuple[Any, torch.Tensor]]] = None,
+                warmup_steps: int = 0) -> dict[str, Any]:
     """``config.epochs`` epochs of method ``name`` on ``data`` over the trainable parameters of
     ``model``; returns ``{"curves", "final"}`` (the record's training part).
 
@@ -171,7 +257,9 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
     :class:`~flatminima.engine.TrainStep`), ``shuffle`` (the order's generator, default: seeded by
     ``seed``), ``method_seed`` (the method's noise seed, default ``seed``) and ``evaluate_fn``
     (``model -> (accuracy, loss)``, default: the whole test set) let a continual run train task after
-    task with the same loop.
+    task with the same loop; so do ``regularizer_at`` and ``descent_hook`` (:class:`TrainStep`'s),
+    ``batch_hook`` (``(x, y) -> (x, y)``: each step's batch before it is cut into micro-batches, e.g.
+    replay appending buffered examples) and ``warmup_steps`` (:func:`lr_schedule`).
     """
     per_epoch = steps_per_epoch(config, data)
     total = per_epoch * config.epochs
@@ -182,17 +270,17 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
         extra["scope"] = support_from_spec(model, hyper.pop("support"))
     opt = _methods.create(name, base, **{"seed": seed if method_seed is None else method_seed, "total_steps": total,
                                          **extra, **hyper})
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(base, total) if config.lr_schedule == "cosine" else None
+    schedule = lr_schedule(base, config.lr_schedule, total, warmup_steps)
     train_step = TrainStep(model, opt, loss_fn or cross_entropy, accumulation=config.accumulation,
-                           regularizer=regularizer)
+                           regularizer=regularizer, regularizer_at=regularizer_at, descent_hook=descent_hook)
     shuffle = shuffle if shuffle is not None else torch.Generator().manual_seed(seed)
-    evaluate_fn = evaluate_fn or (lambda m: evaluate(m, data.x_test, data.y_test, config.eval_batch_size))
+    evaluate_fn = evaluate_fn or (lambda m: evaluate_data(m, data, config.eval_batch_size))
     losses = torch.zeros(total, device=device)
     evals: dict[str, list] = {"step": [], "test_acc": [], "test_loss": []}
     # LPF-SGD (and m-RWP on two batches) take the batch as groups of micro-batches: each of the
     # accumulation_steps micro-batches is cut into that many chunks (validated to divide evenly).
     train_time, step = 0.0, 0
-    micro = config.batch_size // (config.accumulation_steps * batch_groups(name, hyper))
+    chunks = config.accumulation_steps * batch_groups(name, hyper)
 
     def evaluate_now() -> None:
         acc, loss = evaluate_fn(model)
@@ -206,12 +294,14 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
     _sync(device)
     started = time.perf_counter()
     for _ in range(config.epochs):
-        order = torch.randperm(len(data.y_train), generator=shuffle).to(device)
-        for b in range(per_epoch):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x, y = take(data.x_train, idx), data.y_train[idx]
+        for x, y in epoch_batches(data, config.batch_size, shuffle, device):
+            if batch_hook is not None:
+                x, y = batch_hook((x, y))
+            check("batch size", len(y) % chunks == 0, len(y),
+                  f"a multiple of {chunks} micro-batches (accumulation steps × the method's batch groups)")
+            micro = len(y) // chunks
             result = train_step([(take(x, slice(i, i + micro)), y[i:i + micro])
-                                 for i in range(0, config.batch_size, micro)])
+                                 for i in range(0, len(y), micro)])
             losses[step] = result.loss
             if schedule is not None:
                 schedule.step()

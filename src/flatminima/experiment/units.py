@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..core.validation import check
 from .._files import load_state_dict
 from .config import ExperimentConfig
+from ..continual.strategy import split_strategy
 from .continual_settings import order_name
 from .provenance import resolved_method, sha256_json
 from .records import read_record, record_problem
@@ -82,7 +83,9 @@ def unit_settings(config: ExperimentConfig, unit: Unit) -> dict[str, Any]:
     values.update(label=unit.label, seed=unit.seed, method=resolved_method(config, unit.label))
     if config.continual is not None:
         continual = {k: v for k, v in config.continual.items() if k not in ("strategies", "orders", "strategy_options")}
-        continual["strategy_options"] = config.continual.get("strategy_options", {}).get(unit.strategy, {})
+        lifecycle, baselines = split_strategy(unit.strategy)
+        options = config.continual.get("strategy_options", {})
+        continual["strategy_options"] = {n: options[n] for n in (lifecycle, *baselines) if n in options}
         values.update(continual=continual, strategy=unit.strategy, order=list(unit.order))
     return values
 

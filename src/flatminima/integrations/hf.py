@@ -21,6 +21,15 @@ methods and installs a callback):
   gradient in ``.grad``; the Trainer then clips it, steps the optimizer (which restores ``w`` and
   runs the base update) and the scheduler, as usual. The window's mean clean loss is returned on
   its last micro-batch (0 on the others), so the logged training loss is the usual one.
+* ``regularizer(model)`` (a 0-dim penalty ``R``: O-LoRA's orthogonality, N-LoRA's sparsity, EWC,
+  BAR) goes to that :class:`~flatminima.TrainStep`, so it enters exactly as in the library's own
+  loop: the window runs as one engine step at its last micro-batch, hence ``R`` is added once per
+  pass (``regularizer_at="every"``: at the pass's weights, ``w`` or ``w + ε``) or its gradient once
+  per step at ``w`` (``"clean"``), outside autocast and never divided by
+  ``gradient_accumulation_steps``: the objective of one optimizer step is
+  ``(1/N) Σ_n L(w; B_n) + R(w)`` whatever the window's length ``N``. A ``descent_hook(model)``
+  (a projection of the descent gradient: A-GEM, GPM, OGD) runs once per optimizer step, at ``w``,
+  on the true (unscaled) descent gradient, before the Trainer clips it.
 * :class:`FlatMinimaCallback` (installed first, so every reporter sees it) adds the method's
   step statistics to each log: ``flat/grad_norm`` ‖g‖, ``flat/eps_norm`` ‖ε‖,
   ``flat/sharpness`` ``L(w+ε) − L(w)``, ``flat/cosine`` between the clean and perturbed gradients,
@@ -35,7 +44,11 @@ fp32 or bf16 (``deepspeed=config``): the Trainer's optimizer goes to DeepSpeed u
 window runs through :class:`flatminima.integrations.deepspeed.DeepSpeedStep`, which hands the
 descent gradient to DeepSpeed's backward and step (``accelerator.backward``); DeepSpeed clips to
 ``max_grad_norm`` and steps the scheduler. Refused before training: the Trainer's FSDP (shard with
-``fully_shard`` in your own loop and use :class:`flatminima.TrainStep`).
+``fully_shard`` in your own loop and use :class:`flatminima.TrainStep`), and a ``regularizer`` or
+``descent_hook`` under DeepSpeed (:class:`~flatminima.integrations.deepspeed.DeepSpeedStep` takes neither).
+
+:class:`FlatMinimaSeq2SeqTrainer` is the same mixin on ``transformers.Seq2SeqTrainer`` (encoder-decoder
+models, ``predict_with_generate``; :mod:`flatminima.continual.seq2seq`).
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
@@ -62,6 +75,8 @@ from .accelerate import _flat  # noqa: E402
 Trainer, TrainerCallback = _transformers.Trainer, _transformers.TrainerCallback
 
 ACCUMULATIONS, BN_POLICIES = ("last", "full"), ("clean", "all", "frozen")
+#: Where the regularizer enters a step (:class:`flatminima.TrainStep`'s ``regularizer_at``).
+REGULARIZER_AT = ("every", "clean")
 
 
 def _hyperparameters(value: Any) -> dict[str, Any]:
@@ -141,19 +156,36 @@ class FlatMinimaMixin:
     """Mixin for ``transformers.Trainer`` subclasses: ``class MyTrainer(FlatMinimaMixin, Trainer)``
     (module docstring). ``flat_method``: a registry name (``fm.available()``);
     ``flat_hyperparameters``: its keyword arguments; ``flat_accumulation``: the engine's ``"last"``
-    or ``"full"``; ``flat_bn``: ``"clean"``, ``"all"`` or ``"frozen"``."""
+    or ``"full"``; ``flat_bn``: ``"clean"``, ``"all"`` or ``"frozen"``. ``regularizer``: None or
+    ``R(model) -> 0-dim tensor`` added to each step's objective once (not per micro-batch);
+    ``regularizer_at``: ``"every"`` (``R`` in every pass, at that pass's weights) or ``"clean"``
+    (``∇R(w)`` once, added to the descent gradient); ``descent_hook(model)``: edits the step's
+    descent gradient in ``.grad`` in place, once per optimizer step at ``w``, before the Trainer
+    clips it (A-GEM, GPM, OGD projections): :class:`flatminima.TrainStep`."""
 
     def __init__(self, *args, flat_method: str = "sam", flat_hyperparameters: Optional[dict] = None,
-                 flat_accumulation: str = "last", flat_bn: str = "clean", **kwargs):
+                 flat_accumulation: str = "last", flat_bn: str = "clean",
+                 regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
+                 regularizer_at: str = "every", descent_hook: Optional[Callable[[torch.nn.Module], None]] = None,
+                 **kwargs):
         hyper = _hyperparameters(flat_hyperparameters)
         name = _check_method(flat_method, hyper, flat_accumulation, flat_bn)
+        check("regularizer", regularizer is None or callable(regularizer), type(regularizer).__name__,
+              "None or a callable model -> 0-dim loss tensor")
+        check_choice("regularizer_at", regularizer_at, REGULARIZER_AT)
+        check("descent_hook", descent_hook is None or callable(descent_hook), type(descent_hook).__name__,
+              "None or a callable model -> None that edits .grad in place")
         super().__init__(*args, **kwargs)
         check_int("gradient_accumulation_steps", self.args.gradient_accumulation_steps, 1)
         check("fsdp", not self.is_fsdp_enabled, "enabled",
               "off: under the Trainer use DDP or DeepSpeed ZeRO-1/2; for FSDP2 shard the model with "
               "torch.distributed.fsdp.fully_shard in a loop of your own and use flatminima.TrainStep "
               "(examples/torchrun_ddp.py --fsdp)")
+        for hook, value in (("regularizer", regularizer), ("descent_hook", descent_hook)):
+            check(hook, value is None or not self.is_deepspeed_enabled, f"a {hook} under DeepSpeed",
+                  f"None under DeepSpeed (its step takes no {hook}): train with DDP or in a loop of your own")
         self.flat_method, self.flat_hyperparameters = name, hyper
+        self.regularizer, self.regularizer_at, self.descent_hook = regularizer, regularizer_at, descent_hook
         self.flat_accumulation, self.flat_bn = flat_accumulation, flat_bn
         self._flat_window: list[Any] = []
         self._flat_deepspeed: Any = None  # the DeepSpeedStep, built on the first window
@@ -211,8 +243,11 @@ class FlatMinimaMixin:
         window, self._flat_window = self._flat_window, []
         if self.is_deepspeed_enabled:
             return self._flat_deepspeed_step(model, window)
+        # The whole window is one engine step: the regularizer enters once per pass (or once at w), never
+        # once per micro-batch nor divided by the accumulation (TrainStep).
         step = TrainStep(model, _flat(self.optimizer), self._flat_loss, accumulation=self.flat_accumulation,
-                         bn=self.flat_bn, scaler=self.accelerator.scaler)
+                         bn=self.flat_bn, scaler=self.accelerator.scaler, regularizer=self.regularizer,
+                         regularizer_at=self.regularizer_at, descent_hook=self.descent_hook)
         return step.passes(window).detach()
 
     def _flat_deepspeed_step(self, engine: Any, window: list[Any]) -> torch.Tensor:
@@ -229,3 +264,8 @@ class FlatMinimaMixin:
 
 class FlatMinimaTrainer(FlatMinimaMixin, Trainer):
     """``transformers.Trainer`` with a flatminima method (:class:`FlatMinimaMixin`)."""
+
+
+class FlatMinimaSeq2SeqTrainer(FlatMinimaMixin, _transformers.Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` (encoder-decoder models, generation in evaluation) with a
+    flatminima method (:class:`FlatMinimaMixin`)."""
