@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -90,6 +92,23 @@ def spawn_ranks(worker: Callable, tmp: Path, world: int, names: list[str], timeo
         for p in procs:
             p.join(10)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def torchrun(ranks: int, script, *args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node ranks script *args``.
+
+    On a loaded 2-core machine torch's gloo transport sometimes aborts a rank as the process group
+    goes away (a C++ thread still joinable at exit: nothing of ours runs there). Such a run gets one
+    rerun, which must pass; any other failure is returned as it is."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               str(script), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0 and GLOO_EXIT_ABORT in proc.stderr:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc
 
 
 def count_allreduces(model: nn.parallel.DistributedDataParallel) -> list[int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 from flatminima.integrations.deepspeed import DeepSpeedStep, _HandOver
 
@@ -21,8 +22,7 @@ needs_deepspeed = pytest.mark.skipif(not installed, reason="deepspeed is not ins
 
 def _run(ranks: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(ranks), str(EXAMPLE), *args], capture_output=True, text=True, timeout=300, env=env)
+    return torchrun(ranks, EXAMPLE, *args, timeout=300, env=env)
 
 
 @needs_deepspeed

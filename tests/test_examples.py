@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 import flatminima as fm
 
@@ -173,10 +174,8 @@ def test_hf_example_runs_looksam_and_gasam(tmp_path):
         pytest.importorskip(module)
     out = tmp_path / "result.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(EXAMPLES / "hf_trainer_distributed.py"), "--check", "--out", str(out),
-                           "--backend", "ddp", "--methods", "looksam,gasam", "--steps", "4"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = torchrun(2, EXAMPLES / "hf_trainer_distributed.py", "--check", "--out", str(out),
+                    "--backend", "ddp", "--methods", "looksam,gasam", "--steps", "4", timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     results = json.loads(out.read_text())
     assert sorted(results) == ["gasam", "looksam"]

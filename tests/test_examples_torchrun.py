@@ -8,21 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torchrun_ddp.py"
-GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def _run(tmp_path: Path, ranks: int, *args: str) -> dict:
     out = tmp_path / f"w{ranks}.pt"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
-        if ranks > 1 else [sys.executable]
-    command = [*launcher, str(EXAMPLE), "--steps", "8", "--out", str(out), *args]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0 and ranks > 1 and GLOO_EXIT_ABORT in proc.stderr:
-        # On a loaded 2-core machine torch's gloo transport sometimes aborts a rank as the process group
-        # goes away (a C++ thread still joinable: nothing of ours runs there). One rerun, which must pass.
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    args = ("--steps", "8", "--out", str(out), *args)
+    if ranks > 1:
+        proc = torchrun(ranks, EXAMPLE, *args, timeout=120)
+    else:
+        proc = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import torchrun
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -23,9 +24,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_distrib
 def _run(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "result.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(EXAMPLE), "--check", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = torchrun(2, EXAMPLE, "--check", "--out", str(out), *args, timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return json.loads(out.read_text())
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.spawn import ProcessExitedException
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -266,11 +267,17 @@ def test_ddp_spawn_matches_the_per_rank_engine_semantics(tmp_path):
     descent gradient the mean over ranks of ∇L_r(w + ε_r). No BatchNorm: DDP broadcasts rank 0's
     buffers at every forward, which a one-process reference would have to mimic."""
     batches, steps, n = make_batches(2 * 4 * 5), 5, 4
-    module = RankNet("sam", make_net(bn=False), batches, accumulate=n, rho=0.05)
     path = tmp_path / "states.pt"
-    t = trainer(strategy="ddp_spawn", devices=2, max_steps=steps, callbacks=[SaveStates(path)],
-                use_distributed_sampler=False)
-    t.fit(module)
+    for attempt in (1, 2):
+        module = RankNet("sam", make_net(bn=False), batches, accumulate=n, rho=0.05)
+        try:
+            trainer(strategy="ddp_spawn", devices=2, max_steps=steps, callbacks=[SaveStates(path)],
+                    use_distributed_sampler=False).fit(module)
+            break
+        except ProcessExitedException as error:
+            # gloo's transport sometimes aborts a rank at exit on a loaded machine (see helpers.torchrun)
+            if attempt == 2 or error.signal_name != "SIGABRT":
+                raise
     got = torch.load(path)
 
     net = make_net(bn=False)

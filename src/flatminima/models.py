@@ -33,9 +33,12 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv–BN–ReLU–pool blocks and a linear head; ``in_channels × side × side`` inputs."""
+    """Two conv–BN–ReLU–pool blocks and a linear head; ``in_channels × side × side`` inputs.
+    ``head_hidden``: a hidden ReLU layer of that width in the head (LeNet-style), the capacity that
+    lets a small CNN memorize noisy labels."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, side: int = 28):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, side: int = 28,
+                 head_hidden: Optional[int] = None):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -43,7 +46,9 @@ class SmallCNN(nn.Module):
                                  nn.MaxPool2d(2))
 
         self.features = nn.Sequential(block(in_channels, width), block(width, 2 * width))
-        self.head = nn.Linear(2 * width * (side // 4) ** 2, num_classes)
+        features = 2 * width * (side // 4) ** 2
+        self.head = nn.Linear(features, num_classes) if head_hidden is None else nn.Sequential(
+            nn.Linear(features, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))

@@ -75,7 +75,11 @@ class ExperimentConfig:
     method's own hyperparameters (``rho``, ``epsilon``, ...). ``batch_size`` is the number of
     examples per optimizer step, split into ``accumulation_steps`` micro-batches (``accumulation``:
     the engine's ``"last"`` or ``"full"``). ``eval_every`` is in optimizer steps; evaluation also
-    runs at step 0 and at the end. ``train_subset`` keeps a fixed random part of the training set.
+    runs at step 0 and at the end. ``train_subset`` keeps a fixed random part of the training set;
+    ``label_noise`` replaces that share of its labels by other classes (symmetric noise, the same
+    examples in every unit: :meth:`~flatminima.data.Dataset.with_label_noise`); ``eval_train`` also
+    evaluates on the training set (the labels trained on, and with noise the share of corrupted
+    labels the model reproduces) at every evaluation.
     A method entry may hold ``"grid": {"rho": [0.02, 0.05]}``: one method per combination, labelled
     ``sam-rho0.02``, ... (:meth:`expanded_methods`). ``continual`` (a
     :class:`~flatminima.experiment.continual_settings.ContinualSettings` mapping) makes ``task`` a task *sequence*
@@ -101,6 +105,8 @@ class ExperimentConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     train_subset: Optional[int] = None
+    label_noise: float = 0.0
+    eval_train: bool = False
     eval_every: int = 50
     eval_batch_size: int = 1000
     device: str = "auto"
@@ -193,6 +199,11 @@ class ExperimentConfig:
         check("train_subset", self.train_subset is None or (is_int(self.train_subset)
                                                             and self.train_subset >= self.batch_size),
               self.train_subset, f"None or an int >= batch_size ({self.batch_size})")
+        check_range("label_noise", self.label_noise, 0.0, 1.0, high_open=True)
+        check("eval_train", isinstance(self.eval_train, bool), self.eval_train, "true or false")
+        for key in ("label_noise", "eval_train"):
+            check(key, self.continual is None or not getattr(self, key), getattr(self, key),
+                  "its default in a continual experiment (it applies to a single task)")
         check("device", isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None, self.device,
               "'auto', 'cpu', 'cuda' or 'cuda:N' with N >= 0")
         check("out_dir", isinstance(self.out_dir, str) and self.out_dir != "", self.out_dir, "a folder path")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .._extras import require
 from ..core.registry import Registry
-from ..core.validation import check, check_bool, check_int, check_positive, check_range, is_int
+from ..core.validation import check, check_bool, check_int, check_optional_int, check_positive, check_range, is_int
 from ..data import Dataset, minilm_path
 from ..models import MLP, ResizedInput, ResNet, SmallCNN, efficientnet_lite0, resnet18_cifar
 from ..vit import ARCHS, build_vit, find_hf_checkpoint, load_vit_weights, read_state_dict, vit_lora
@@ -36,8 +36,8 @@ def _mlp(data: Dataset, hidden: int = 128, depth: int = 2) -> nn.Module:
 
 
 @register_model("cnn")
-def _cnn(data: Dataset, width: int = 32) -> nn.Module:
-    return SmallCNN(data.input_shape[0], data.num_classes, width, data.input_shape[-1])
+def _cnn(data: Dataset, width: int = 32, head_hidden: Optional[int] = None) -> nn.Module:
+    return SmallCNN(data.input_shape[0], data.num_classes, width, data.input_shape[-1], head_hidden)
 
 
 @register_model("resnet18")
@@ -206,7 +206,7 @@ def _check_blocks(name: str, blocks: Any) -> None:
 #: run by :meth:`ExperimentConfig.validate` so that a bad value is refused before anything trains.
 MODEL_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "hidden": lambda n, v: check_int(n, v, 1), "depth": lambda n, v: check_int(n, v, 0),
-    "width": lambda n, v: check_int(n, v, 1), "blocks": _check_blocks, "r": lambda n, v: check_int(n, v, 1),
+    "width": lambda n, v: check_int(n, v, 1), "head_hidden": lambda n, v: check_optional_int(n, v, 1), "blocks": _check_blocks, "r": lambda n, v: check_int(n, v, 1),
     "alpha": check_positive, "dropout": lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True),
     "image_size": lambda n, v: check_int(n, v, 32), "save_head": check_bool, "pretrained": check_bool,
     "patch_size": lambda n, v: check_int(n, v, 1), "dim": lambda n, v: check_int(n, v, 1),

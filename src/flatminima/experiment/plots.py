@@ -103,7 +103,8 @@ def _by_key(records: Sequence[dict[str, Any]], key: Callable[[dict], str]) -> di
 def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | str, title: Optional[str] = None,
                          points: int = 40, colours: Optional[Mapping[str, str]] = None) -> os.PathLike | str:
     """Train loss (per-step loss averaged over windows, ~``points`` per curve, log scale) and test
-    accuracy at every evaluation (each one marked; the axis spans all of them) against the
+    accuracy at every evaluation (each one marked; the axis spans all of them; with ``eval_train``
+    the training-set accuracy dashed beside it) against the
     optimizer step: mean over seeds, shaded ±1 std, coloured by :func:`method_colours` (``colours``
     completed with any method it lacks). ``records`` are :func:`flatminima.experiment.run_one`
     records. Returns ``path``."""
@@ -113,7 +114,7 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
     by_method = _by_key(records, lambda r: r["method"])
     colours = method_colours(by_method, colours)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    low, high = [], []
+    low, high, trained = [], [], ""
     for label, runs in by_method.items():
         colour = colours[label]
         name = plain(f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
@@ -131,8 +132,14 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
         ax_acc.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=colour, alpha=0.2, lw=0)
         low.append(np.nanmin(100 * (mean - std)))
         high.append(np.nanmax(100 * (mean + std)))
+        if all("train_acc" in r["curves"] for r in runs):  # eval_train: the labels trained on, dashed
+            train, _ = _band([r["curves"]["train_acc"] for r in runs])
+            ax_acc.plot(x, 100 * train[:len(x)], color=colour, lw=1.2, ls="--", marker="^", ms=3)
+            low.append(np.nanmin(100 * train))
+            high.append(np.nanmax(100 * train))
+            trained = " (dashed: train, labels trained on)"
     ax_loss.set(xlabel="optimizer step", ylabel="train loss (clean, window mean)", yscale="log", title="training loss")
-    ax_acc.set(xlabel="optimizer step", ylabel="test accuracy (%)", title="test accuracy")
+    ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="test accuracy" + trained)
     if low and np.isfinite(min(low)) and np.isfinite(max(high)):  # every evaluation in view, none cut off
         span = max(max(high) - min(low), 1.0)
         ax_acc.set_ylim(max(0.0, min(low) - 0.05 * span), min(100.0, max(high) + 0.05 * span))

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from ..core.validation import check
 from .config import DEFAULT_METHODS, ExperimentConfig
 from .continual_presets import CONTINUAL_PRESETS
+from .evidence_presets import EVIDENCE_PRESETS, EVIDENCE_SUITES
 
 
 #: The main job's diagnostics section.
@@ -182,10 +183,11 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "full": _preset_full, "continual": _preset_continual, "continual_full": _preset_continual_full,
     "split_fashion": _preset_split_fashion, "split_fashion_lora": _preset_split_fashion_lora,
     "continual_quick": _preset_continual_quick,
-    "repro_fashion": _preset_repro_fashion, "repro_text": _preset_repro_text, **CONTINUAL_PRESETS}
+    "repro_fashion": _preset_repro_fashion, "repro_text": _preset_repro_text, **CONTINUAL_PRESETS,
+    **EVIDENCE_PRESETS}
 
 #: Presets that run several experiments in turn, each into ``<out>/<its name>``.
-SUITES: dict[str, tuple[str, ...]] = {"default": ("fashion", "continual")}
+SUITES: dict[str, tuple[str, ...]] = {"default": ("fashion", "continual"), **EVIDENCE_SUITES}
 
 
 def preset(name: str) -> ExperimentConfig:

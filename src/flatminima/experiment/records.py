@@ -105,6 +105,10 @@ def _check_training(part: Any, where: str) -> None:
     _need(len(evals) >= 1, f"{w}.eval_step", evals, "at least one evaluation")
     _list_of(_get(curves, "test_acc", w), _fraction, f"{w}.test_acc", "accuracies in [0, 1]", len(evals))
     _list_of(_get(curves, "test_loss", w), _loss, f"{w}.test_loss", "losses >= 0", len(evals))
+    for key in ("train_acc", "memorized"):  # with eval_train: in both curves and final, or in neither
+        if key in curves or key in final:
+            _list_of(_get(curves, key, w), _fraction, f"{w}.{key}", "accuracies in [0, 1]", len(evals))
+            _need(_fraction(_get(final, key, f)), f"{f}.{key}", final[key], "an accuracy in [0, 1]")
     _check_final(final, f)
 
 

@@ -53,7 +53,10 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 #: The title of the section every report ends with.
 PROVENANCE_TITLE = "How this was produced"
 #: What a section of an experiment's page measures, printed above its tables.
-SECTION_TEXTS = {"Flatness across tasks": (
+SECTION_TEXTS = {"Paired comparison": (
+    "Seeds fix the initialization, the data order and the method's noise, so a method and the reference "
+    "trained on the same seed share them: the paired differences cancel what they share. An interval that "
+    "contains 0 means the runs do not establish a difference either way."), "Flatness across tasks": (
     "After each task j, for every task i learned so far: the top Hessian eigenvalue λ_max (Lanczos) and the "
     "Hessian trace (Hutchinson) of task i's loss at the weights after task j, in each parameter space (lora: the "
     "active adapters' factors; all: every weight), on the first test batches of task i; and the loss of task i on "

@@ -54,9 +54,11 @@ def run_experiment(config: ExperimentConfig, progress: Optional[bool] = None,
 
 
 def load_data(config: ExperimentConfig) -> tuple[Optional[Dataset], Any]:
-    """``(dataset, None)`` for a config, ``(None, task sequence)`` for a continual one, on the CPU."""
+    """``(dataset, None)`` for a config (its ``train_subset``, then its ``label_noise``), ``(None,
+    task sequence)`` for a continual one, on the CPU."""
     if config.continual is None:
-        return load_task(config.task, **config.task_options).subset(config.train_subset), None
+        data = load_task(config.task, **config.task_options).subset(config.train_subset)
+        return data.with_label_noise(config.label_noise), None
     return None, load_sequence(config.task, **config.task_options)
 
 

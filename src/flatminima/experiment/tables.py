@@ -32,7 +32,8 @@ DIAGNOSTIC_COLUMNS = (("lambda_max", "λ_max"), ("trace", "tr(H)"), ("sharpness"
 #: The columns of ``results.csv``: one row per method (the rows of :func:`summarize`); a diagnostic's
 #: columns are empty where no run measured it.
 CSV_FIELDS = ["method", "registry_name", "test_acc_mean", "test_acc_std", "test_loss_mean", "test_loss_std",
-              "train_loss_mean", "train_loss_std", "time_per_step_s_mean", "time_per_step_s_std", "time_ratio",
+              "train_loss_mean", "train_loss_std", "train_acc_mean", "train_acc_std", "memorized_mean", "memorized_std",
+              "time_per_step_s_mean", "time_per_step_s_std", "time_ratio",
               *[f"{k}_{s}" for k in DIAGNOSTIC_KEYS for s in ("mean", "std")], "seeds", "hyperparameters"]
 
 _METRIC_COLUMNS = (("ACC", "average_accuracy"), ("LA", "learning_accuracy"), ("BWT", "backward_transfer"),
@@ -174,7 +175,8 @@ def reference_method(records: Sequence[dict]) -> Optional[str]:
 
 
 def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
-    """One row per method (in first-seen order): metric means and standard deviations over seeds,
+    """One row per method (in first-seen order): metric means and standard deviations over seeds
+    (``train_acc`` and ``memorized`` None where no run evaluated the training set),
     the mean time per step relative to the reference method (NaN without one), and for every
     headline diagnostic some run measured, ``<key>_mean``, ``<key>_std`` and ``<key>_n``."""
     groups = group_records(records)
@@ -188,6 +190,9 @@ def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
         for key in ("test_acc", "test_loss", "train_loss", "time_per_step_s"):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r["final"][key] for r in runs])
         row["time_ratio"] = row["time_per_step_s_mean"] / ref_time
+        for key in ("train_acc", "memorized"):  # with eval_train (label noise: memorized)
+            values = [r["final"][key] for r in runs if key in r["final"]]
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values) if values else (None, None)
         for key in measured:
             values = [v for r in runs if (v := r.get("diagnostics", {}).get("summary", {}).get(key)) is not None]
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values) if values else (None, None)
@@ -197,19 +202,23 @@ def summarize(records: Sequence[dict]) -> list[dict[str, Any]]:
 
 
 def results_table(records: Sequence[dict], continual: bool = False) -> Table:
-    """The main table: test accuracy (%), final train loss, time per step against the reference
-    method and in ms, and the number of runs, one row per method (× strategy)."""
+    """The main table: test accuracy (%), with ``eval_train`` the accuracy on the training labels and
+    under label noise the share of wrong labels memorized (%), final train loss, time per step
+    against the reference method and in ms, and the number of runs, one row per method (× strategy)."""
     groups = group_records(records)
     ref = reference_method(records)
     ref_time = mean_std([r["final"]["time_per_step_s"] for r in groups[ref]])[0] if ref else math.nan
-    final = [[[r["final"][key] * scale for r in runs] for runs in groups.values()]
-             for key, scale in (("test_acc", 100.0), ("train_loss", 1.0))]
+    titles = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (labels trained on, %)",
+              "memorized": "wrong labels memorized (%)", "train_loss": "final train loss"}
+    keys = [k for k in titles if k in ("test_acc", "train_loss") or any(k in r["final"] for r in records)]
+    final = [[[r["final"][key] * (1.0 if key == "train_loss" else 100.0) for r in runs if key in r["final"]]
+              for runs in groups.values()] for key in keys]
     ratio = [[r["final"]["time_per_step_s"] / ref_time for r in runs] for runs in groups.values()]
     ms = [[1000 * r["final"]["time_per_step_s"] for r in runs] for runs in groups.values()]
     caption = "Test accuracy = average accuracy over all tasks after the last one." if continual else ""
     return _table("results", "Results", caption, "method",
-                  ["test accuracy (%)", "final train loss", f"time/step vs {ref or 'the base optimizer'}", "ms/step"],
-                  groups, final + [ratio, ms], spread=(True, True, False, False), counts=True)
+                  [titles[k] for k in keys] + [f"time/step vs {ref or 'the base optimizer'}", "ms/step"],
+                  groups, final + [ratio, ms], spread=(True,) * len(keys) + (False, False), counts=True)
 
 
 def flatness_table(records: Sequence[dict], samples: Optional[int] = None) -> Optional[Table]:

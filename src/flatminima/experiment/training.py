@@ -32,6 +32,10 @@ from .config import RUN_DIAGNOSTIC_OPTIONS, ExperimentConfig, batch_groups
 from .models import build_model
 
 
+#: What ``eval_train`` adds to a record's curves and final values (:func:`evaluate_train`).
+TRAIN_EVAL_KEYS = ("train_acc", "memorized")
+
+
 def resolve_device(spec: str) -> torch.device:
     """The device of a validated ``device`` field; ``ValueError`` naming it when CUDA or that
     CUDA device is not available here."""
@@ -98,6 +102,25 @@ def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int,
         correct += (logits_.argmax(1) == y[i:i + batch_size]).sum()
     model.train(was_training)
     return correct.item() / len(y), loss.item() / len(y)
+
+
+@torch.no_grad()
+def evaluate_train(model: nn.Module, data: Dataset, batch_size: int) -> dict[str, float]:
+    """On the training set, in eval mode (the training mode is restored): ``train_acc``, accuracy on
+    the labels trained on (noisy ones under label noise), and with noise ``memorized``, the share of
+    the corrupted examples predicted as their wrong label (Zhang et al. 2017's memorization)."""
+    check("eval_train", not streams(data), type(data).__name__, "a dataset held in memory")
+    was_training = model.training
+    model.eval()
+    y = data.y_train
+    predicted = torch.cat([logits(model, take(data.x_train, slice(i, i + batch_size))).argmax(-1)
+                           for i in range(0, len(y), batch_size)])
+    model.train(was_training)
+    out = {"train_acc": (predicted == y).float().mean()}
+    if data.y_train_clean is not None:
+        corrupted = y != data.y_train_clean
+        out["memorized"] = (predicted[corrupted] == y[corrupted]).float().mean()
+    return {k: v.item() for k, v in out.items()}
 
 
 def streams(data: Any) -> bool:
@@ -277,6 +300,7 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
     evaluate_fn = evaluate_fn or (lambda m: evaluate_data(m, data, config.eval_batch_size))
     losses = torch.zeros(total, device=device)
     evals: dict[str, list] = {"step": [], "test_acc": [], "test_loss": []}
+    train_metrics = (lambda m: evaluate_train(m, data, config.eval_batch_size)) if config.eval_train else None
     # LPF-SGD (and m-RWP on two batches) take the batch as groups of micro-batches: each of the
     # accumulation_steps micro-batches is cut into that many chunks (validated to divide evenly).
     train_time, step = 0.0, 0
@@ -287,6 +311,8 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
         evals["step"].append(step)
         evals["test_acc"].append(acc)
         evals["test_loss"].append(loss)
+        for key, value in (train_metrics(model) if train_metrics else {}).items():
+            evals.setdefault(key, []).append(value)
 
     was_training = model.training
     evaluate_now()
@@ -318,10 +344,12 @@ def train_model(config: ExperimentConfig, data: Dataset, model: nn.Module, name:
                 on_step({"step": step})
     model.train(was_training)
     train_loss = losses.tolist()
+    extra = [k for k in TRAIN_EVAL_KEYS if k in evals]
     return {
         "curves": {"train_loss": train_loss, "eval_step": evals["step"], "test_acc": evals["test_acc"],
-                   "test_loss": evals["test_loss"]},
+                   "test_loss": evals["test_loss"], **{k: evals[k] for k in extra}},
         "final": {"test_acc": evals["test_acc"][-1], "test_loss": evals["test_loss"][-1],
                   "train_loss": sum(train_loss[-per_epoch:]) / per_epoch, "steps": total,
-                  "train_time_s": train_time, "time_per_step_s": train_time / total},
+                  "train_time_s": train_time, "time_per_step_s": train_time / total,
+                  **{k: evals[k][-1] for k in extra}},
     }

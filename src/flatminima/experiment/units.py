@@ -34,6 +34,10 @@ from .records import read_record, record_problem
 NOT_IN_FINGERPRINT = ("name", "out_dir", "device", "seeds", "methods", "optimizer", "lr", "momentum", "weight_decay",
                       "save_models", "tensorboard", "loggers", "continual")
 
+#: Fields added after the first runs: at these defaults they stay out of the fingerprint, so the
+#: records made before them are still ``done``.
+DEFAULT_UNTIL_SET = {"label_noise": 0.0, "eval_train": False}
+
 #: The states of :func:`scan_units`, in the order :func:`format_plan` counts them.
 STATES = ("done", "stale", "broken", "missing")
 
@@ -78,7 +82,8 @@ def unit_settings(config: ExperimentConfig, unit: Unit) -> dict[str, Any]:
     :data:`NOT_IN_FINGERPRINT`, the ``"interpolation"`` diagnostic left out (it is computed across
     units), the unit's method as trained (:func:`~flatminima.experiment.provenance.resolved_method`),
     its label, seed, and for a continual unit its strategy's settings and task order."""
-    values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_FINGERPRINT}
+    values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_FINGERPRINT
+              and not (k in DEFAULT_UNTIL_SET and v == DEFAULT_UNTIL_SET[k])}
     values["diagnostics"] = sorted(d for d in config.diagnostics if d != "interpolation")
     values.update(label=unit.label, seed=unit.seed, method=resolved_method(config, unit.label))
     if config.continual is not None:
