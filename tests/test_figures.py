@@ -15,7 +15,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 
 from flatminima.diagnostics import plots as diagnostic_plots  # noqa: E402
 from flatminima.diagnostics.landscape import Interpolation, Landscape  # noqa: E402
-from flatminima.experiment import plots  # noqa: E402
+from flatminima.experiment import flatness_figures, plots  # noqa: E402
 
 METHODS = ["sgd", "sam", "asam"]
 TASKS = ["classes 0-1", "classes 2-3", "classes 4-5"]
@@ -28,11 +28,11 @@ def drawn(monkeypatch):
 
     close, figures = plt.close, []
     monkeypatch.setattr(plt, "close", lambda *_: None)  # the artists stay readable
-    for module in (plots, diagnostic_plots):
-        def keep(fig, *args, save=module._save):
+    for module, name in ((plots, "save_figure"), (flatness_figures, "save_figure"), (diagnostic_plots, "_save")):
+        def keep(fig, *args, save=getattr(module, name)):
             figures.append(fig)
             return save(fig, *args)
-        monkeypatch.setattr(module, "_save", keep)
+        monkeypatch.setattr(module, name, keep)
     yield figures
     for fig in figures:
         close(fig)

@@ -15,6 +15,7 @@ import inspect
 import json
 import shutil
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -82,7 +83,12 @@ def experiment_overrides(args: argparse.Namespace, config: ExperimentConfig) -> 
     """The overrides of ``run``/``show``: the field flags, then the ``KEY=VALUE`` items."""
     flags = []
     if args.methods:
-        flags += _flag("methods", _select_methods(config, args.methods), f"--methods {','.join(args.methods)}")
+        selected = _select_methods(config, args.methods)
+        flags += _flag("methods", selected, f"--methods {','.join(args.methods)}")
+        # the config's extra comparisons among the methods kept (a pair with a method left out has nothing to compare)
+        kept = set(replace(config, methods=selected, compare=[]).expanded_methods())
+        if config.compare:
+            flags += _flag("compare", [p for p in config.compare if set(p) <= kept], f"--methods {','.join(args.methods)}")
     flags += _flag("seeds", args.seeds, f"--seeds {','.join(map(str, args.seeds or []))}")
     flags += _flag("epochs", args.epochs, f"--epochs {args.epochs}")
     flags += _flag("device", args.device, f"--device {args.device}")

@@ -88,48 +88,54 @@ def _cell(values: list[tuple[float, float]], kind: str) -> tuple[Cell, Optional[
     return Cell(text, d["mean"], d["std"], d["n"]), d
 
 
-def paired_comparisons(records: Sequence[dict]) -> list[dict[str, Any]]:
-    """Per method other than the reference and per metric both have: the paired statistics
-    (:func:`paired_difference`, in points of % or on the log scale for ratios) over common seeds."""
+def _compare(label: str, runs: Sequence[dict], against: str, reference: Sequence[dict]) -> dict[str, Any]:
+    by_seed = {r["seed"]: r for r in reference}
+    pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    row: dict[str, Any] = {"method": label, "reference": against, "seeds": [r["seed"] for r, _ in pairs],
+                           "metrics": {}}
+    for title, get, kind in METRICS:
+        values = [(a, b) for r, q in pairs if (a := get(r)) is not None and (b := get(q)) is not None]
+        cell, stats = _cell(values, kind)
+        if stats is not None:
+            row["metrics"][title] = {"kind": kind, "text": cell.text, **stats}
+    return row
+
+
+def paired_comparisons(records: Sequence[dict], pairs: Sequence[Sequence[str]] = ()) -> list[dict[str, Any]]:
+    """Per method other than the reference, then per ``[label, other]`` of ``pairs`` (both methods
+    must have run; others are skipped), and per metric both have: the paired statistics
+    (:func:`paired_difference`, in points of % or on the log scale for ratios) over common seeds,
+    as ``{"method", "reference", "seeds", "metrics": {title: {"kind", "text", "n", "mean", "std",
+    "ci"}}}``. Continual records are compared per task by their own tables: none here."""
+    if "accuracy" in records[0]:
+        return []
     groups = group_records(records)
     ref = reference_method(records)
-    if ref is None or "accuracy" in records[0]:  # continual records compare per task (their own tables)
-        return []
-    by_seed = {r["seed"]: r for r in groups[ref]}
-    out = []
-    for label, runs in groups.items():
-        if label == ref:
-            continue
-        pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
-        row: dict[str, Any] = {"method": label, "reference": ref, "seeds": [r["seed"] for r, _ in pairs],
-                               "metrics": {}}
-        for title, get, kind in METRICS:
-            values = [(a, b) for r, q in pairs if (a := get(r)) is not None and (b := get(q)) is not None]
-            cell, stats = _cell(values, kind)
-            if stats is not None:
-                row["metrics"][title] = {"kind": kind, "text": cell.text, **stats}
-        out.append(row)
+    out = [_compare(label, runs, ref, groups[ref]) for label, runs in groups.items() if ref is not None and label != ref]
+    out += [_compare(a, groups[a], b, groups[b]) for a, b in pairs if a in groups and b in groups]
     return out
 
 
-def paired_table(records: Sequence[dict]) -> Optional[Table]:
-    """The paired comparisons as a table (None without a reference method, another method, or two
-    common seeds): Δ in points of % and ratios, each with its 95 % t-interval, and the verdict on
-    test accuracy."""
-    rows = [c for c in paired_comparisons(records) if len(c["seeds"]) >= 2]
+def paired_table(records: Sequence[dict], pairs: Sequence[Sequence[str]] = ()) -> Optional[Table]:
+    """The paired comparisons as a table (None without two common seeds in any): Δ in points of %
+    and ratios, each with its 95 % t-interval, and the verdict on test accuracy."""
+    rows = [c for c in paired_comparisons(records, pairs) if len(c["seeds"]) >= 2]
     if not rows:
         return None
     titles = [t for t, _, _ in METRICS if any(t in c["metrics"] for c in rows)]
-    heads = ["method", "seeds"] + [f"Δ {t} (pp)" if kind == "difference" else f"{t} ratio"
-                                   for t, _, kind in METRICS if t in titles] + ["test accuracy vs reference"]
+    heads = ["method vs reference", "seeds"] + [f"Δ {t} (pp)" if kind == "difference" else f"{t} ratio"
+                                                for t, _, kind in METRICS if t in titles] + ["test accuracy"]
     table_rows = []
     for c in rows:
-        cells = [Cell(c["method"]), Cell(str(len(c["seeds"])), float(len(c["seeds"])))]
+        cells = [Cell(f"{c['method']} vs {c['reference']}"), Cell(str(len(c["seeds"])), float(len(c["seeds"])))]
         cells += [Cell(c["metrics"][t]["text"], c["metrics"][t]["mean"]) if t in c["metrics"] else Cell("–", n=0)
                   for t in titles]
         acc = c["metrics"].get("test accuracy")
         cells.append(Cell(verdict(acc["ci"]) if acc else "–"))
         table_rows.append(cells)
-    return Table("paired", "Paired comparison", f"Each method against {rows[0]['reference']} on the same seeds: "
-                 "mean paired difference (accuracies, in points of %) or geometric-mean ratio (flatness), "
-                 "[95 % paired t-interval]; a verdict only where the interval excludes 0:", heads, table_rows)
+    ref = reference_method(records)
+    against = f"Each method against {ref}" + (", and the pairs asked for," if pairs else "") if ref else "Each pair"
+    return Table("paired", "Paired comparison", f"{against} on the same seeds: mean paired "
+                 "difference (accuracies, in points of %) or geometric-mean ratio (flatness) [95 % paired "
+                 "t-interval]; the verdict says higher or lower only where the interval excludes 0:",
+                 heads, table_rows)

@@ -85,7 +85,9 @@ class ExperimentConfig:
     :class:`~flatminima.experiment.continual_settings.ContinualSettings` mapping) makes ``task`` a task *sequence*
     trained task after task, per strategy and task order. ``tensorboard``: write scalars (None: when
     ``tensorboard`` is installed); ``loggers``: where else they go (:mod:`~flatminima.experiment.loggers`:
-    ``tensorboard``, ``mlflow``, ``wandb``). Every field is described in ``docs/configuration.md``.
+    ``tensorboard``, ``mlflow``, ``wandb``). ``compare``: pairs ``[label, other]`` of method labels
+    compared on common seeds in the report, beside every method against the base optimizer
+    (:mod:`~flatminima.experiment.comparisons`). Every field is described in ``docs/configuration.md``.
     """
 
     name: str = "custom"
@@ -117,6 +119,7 @@ class ExperimentConfig:
     continual: Optional[dict[str, Any]] = None
     tensorboard: Optional[bool] = None
     loggers: list[str] = field(default_factory=list)
+    compare: list[list[str]] = field(default_factory=list)
 
     # -- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -230,6 +233,11 @@ class ExperimentConfig:
             check(f"methods.{label}: batch_size", self.batch_size % (self.accumulation_steps * groups) == 0,
                   self.batch_size, f"a multiple of accumulation_steps × the method's {groups} batch groups "
                   f"({self.accumulation_steps * groups})")
+        labels = list(self.expanded_methods())
+        check("compare", isinstance(self.compare, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x in labels for x in pair)
+            and pair[0] != pair[1] for pair in self.compare), self.compare,
+            f"a list of [label, other label] pairs of the config's methods ({', '.join(labels)})")
         return self
 
     def base_settings(self) -> dict[str, Any]:

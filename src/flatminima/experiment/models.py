@@ -206,7 +206,8 @@ def _check_blocks(name: str, blocks: Any) -> None:
 #: run by :meth:`ExperimentConfig.validate` so that a bad value is refused before anything trains.
 MODEL_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "hidden": lambda n, v: check_int(n, v, 1), "depth": lambda n, v: check_int(n, v, 0),
-    "width": lambda n, v: check_int(n, v, 1), "head_hidden": lambda n, v: check_optional_int(n, v, 1), "blocks": _check_blocks, "r": lambda n, v: check_int(n, v, 1),
+    "width": lambda n, v: check_int(n, v, 1), "head_hidden": lambda n, v: check_optional_int(n, v, 1),
+    "blocks": _check_blocks, "r": lambda n, v: check_int(n, v, 1),
     "alpha": check_positive, "dropout": lambda n, v: check_range(n, v, 0.0, 1.0, high_open=True),
     "image_size": lambda n, v: check_int(n, v, 32), "save_head": check_bool, "pretrained": check_bool,
     "patch_size": lambda n, v: check_int(n, v, 1), "dim": lambda n, v: check_int(n, v, 1),

@@ -11,71 +11,25 @@ fail the figure. Figures are written atomically (:func:`flatminima._files.atomic
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .._extras import install_hint, require
-from .._files import atomic_path, write_text
+from .._files import atomic_path
 from ..continual.metrics import save_accuracy_matrix
 from ..diagnostics.plots import nonfinite_points, plain_log_ticks, plot_interpolations
+from .figure_style import (PALETTE, STRATEGY_STYLES, figures_skipped, method_colours, plain, pyplot,  # noqa: F401
+                           save_figure, task_labels)
+from .flatness_figures import write_flatness_figures
 from .records import group_records
 from .report import Figure
-from .tables import evaluations, mean_flatness, mean_matrices, reference_method
+from .tables import evaluations, mean_matrices, reference_method
 
-#: matplotlib's ``tab10`` colours, the palette of :func:`method_colours`.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
-#: Marker and line style per continual strategy (in the config's strategy order).
-STRATEGY_STYLES = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1, 1, 1))))
 #: Flatness measures drawn by :func:`plot_sharpness`: (summary key, axis title).
 SHARPNESS_PANELS = (("lambda_max", "top Hessian eigenvalue λ_max"), ("trace", "Hessian trace"),
                     ("sharpness", "worst-case sharpness"), ("average_sharpness", "average sharpness"))
-
-
-def method_colours(labels: Sequence[str], base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """A colour (``#rrggbb``) per method label: ``base``'s colours kept, then each new label, in
-    order, the next colour of :data:`PALETTE` (cycling after ten). Build it once per experiment
-    from the config's method order and pass it to every figure, so a method keeps its colour
-    whichever methods a figure shows."""
-    colours = dict(base or {})
-    for label in labels:
-        if label not in colours:
-            colours[label] = PALETTE[len(colours) % len(PALETTE)]
-    return colours
-
-
-def figures_skipped(exc: ImportError) -> str:
-    """The one line said when a figure library is missing, with the extra that brings it."""
-    hint = "" if "pip install" in str(exc) else f"; {install_hint('plots')}"
-    return f"figures not written ({exc}{hint})"
-
-
-def plain(text: Any) -> str:
-    """``text`` as matplotlib shows it literally: every ``$`` escaped, so no mathtext is parsed."""
-    return str(text).replace("$", r"\$")
-
-
-def _pyplot():
-    matplotlib = require("matplotlib", "plots", "the experiment figures")
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker, for the callers
-
-    return matplotlib, plt
-
-
-def _save(fig, path: os.PathLike | str) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path, keep_suffix=True) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
 
 
 def _band(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +62,7 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
     optimizer step: mean over seeds, shaded ±1 std, coloured by :func:`method_colours` (``colours``
     completed with any method it lacks). ``records`` are :func:`flatminima.experiment.run_one`
     records. Returns ``path``."""
-    matplotlib, plt = _pyplot()
+    matplotlib, plt = pyplot()
     ticker = matplotlib.ticker
 
     by_method = _by_key(records, lambda r: r["method"])
@@ -137,9 +91,9 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
             ax_acc.plot(x, 100 * train[:len(x)], color=colour, lw=1.2, ls="--", marker="^", ms=3)
             low.append(np.nanmin(100 * train))
             high.append(np.nanmax(100 * train))
-            trained = " (dashed: train, labels trained on)"
+            trained = "accuracy (solid: test; dashed: train, labels trained on)"
     ax_loss.set(xlabel="optimizer step", ylabel="train loss (clean, window mean)", yscale="log", title="training loss")
-    ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="test accuracy" + trained)
+    ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title=trained or "test accuracy")
     if low and np.isfinite(min(low)) and np.isfinite(max(high)):  # every evaluation in view, none cut off
         span = max(max(high) - min(low), 1.0)
         ax_acc.set_ylim(max(0.0, min(low) - 0.05 * span), min(100.0, max(high) + 0.05 * span))
@@ -152,7 +106,7 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
         ax.legend(fontsize="small")
     if title:
         fig.suptitle(plain(title))
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -161,7 +115,7 @@ def plot_sharpness(records: Sequence[dict[str, Any]], path: os.PathLike | str,
     """One bar panel per flatness measure in the runs' diagnostics (mean over seeds, ±1 std error
     bars, each seed as a dot), one bar per method (per method × strategy in a continual run,
     hatched by strategy), in the method's colour."""
-    _, plt = _pyplot()
+    _, plt = pyplot()
     groups = group_records([r for r in records if "diagnostics" in r])
     colours = method_colours([rs[0]["method"] for rs in groups.values()], colours)
     strategies = list(dict.fromkeys(rs[0].get("strategy") for rs in groups.values()))
@@ -181,16 +135,8 @@ def plot_sharpness(records: Sequence[dict[str, Any]], path: os.PathLike | str,
             ax.plot(np.full(len(values), i), values, "k.", ms=4)
         ax.set_xticks(range(len(groups)), [plain(g) for g in groups], rotation=30, ha="right")
         ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return path
-
-
-def task_labels(records: Sequence[dict[str, Any]]) -> list[str]:
-    """The names of a continual run's tasks, in training order; ``task 1``, ``task 2``, ... when
-    the runs trained several orders (averaged by position, the names differ)."""
-    if len({tuple(r["order"]) for r in records}) == 1:
-        return [str(t) for t in records[0]["tasks"]]
-    return [f"task {i + 1}" for i in range(len(records[0]["tasks"]))]
 
 
 def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str,
@@ -202,7 +148,7 @@ def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str,
     marker and line style: strategy; the lines are offset a little along x so that equal values
     stay visible side by side. The x axis names the tasks (:func:`task_labels`); the legend sits
     below the panels."""
-    _, plt = _pyplot()
+    _, plt = pyplot()
     groups = group_records(records)
     scenario = records[0]["scenario"]
     spaces = [s for s, v in records[0].get("lambda_max", {}).items() if v]
@@ -249,7 +195,7 @@ def plot_continual(records: Sequence[dict[str, Any]], path: os.PathLike | str,
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -289,66 +235,6 @@ def write_continual_figures(out: Path, records: Sequence[dict], log: Callable[[s
     return figures
 
 
-#: Per-task flatness quantities as the figures name them.
-FLATNESS_TITLES = {"lambda_max": "λ_max", "trace": "tr(H)", "line": "loss barrier"}
-
-
-def plot_flatness_matrix(matrix: Sequence[Sequence[Optional[float]]], path: os.PathLike | str,
-                         task_names: Sequence[str], title: str, label: str) -> os.PathLike | str:
-    """Heatmap of a per-task flatness matrix (row j: after task j; column i: task i's loss): None
-    cells (tasks not yet trained on, the barrier's diagonal) hatched, values to 3 significant digits,
-    a log colour scale when all are positive and span a decade (curvatures), else a linear one."""
-    matplotlib, plt = _pyplot()
-    from matplotlib.patches import Rectangle
-    m = np.asarray([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
-    T = m.shape[0]
-    finite = m[np.isfinite(m)]
-    log = finite.size > 0 and bool(np.all(finite > 0)) and finite.max() > 10 * finite.min()
-    side = min(14.0, max(4.5, 0.75 * T + 2.5))
-    fig, ax = plt.subplots(figsize=(side + 1.2, side), layout="constrained")
-    image = ax.imshow(np.ma.masked_invalid(m), cmap="magma", norm=matplotlib.colors.LogNorm() if log else None,
-                      interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(plain(label))
-    for j in range(T):
-        for i in range(T):
-            if not np.isfinite(m[j, i]):
-                ax.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fc="white", ec="0.6", hatch="///", lw=0))
-            elif T <= 30:
-                r, g, b, _ = image.cmap(image.norm(m[j, i]))
-                ax.text(i, j, f"{m[j, i]:.3g}", ha="center", va="center", fontsize=max(5.0, min(10.0, 110.0 / T)),
-                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
-    names, long = [plain(n) for n in task_names], max(map(len, task_names)) > 3
-    ax.set_xticks(range(T), names, rotation=45 if long else 0, ha="right" if long else "center")
-    ax.set_yticks(range(T), names)
-    ax.set(xlabel="loss of task i", ylabel="after training task j", title=plain(title))
-    _save(fig, path)
-    return path
-
-
-def write_flatness_figures(out: Path, records: Sequence[dict]) -> list[Figure]:
-    """Per method × strategy, the mean flatness matrices of its runs that measured them (older runs
-    are left out) as ``out/flatness/<group>.json`` and one :func:`plot_flatness_matrix` each."""
-    names = task_labels(records)
-    figures = []
-    for g, runs in group_records(records).items():
-        runs = [r for r in runs if (r.get("flatness") or {}).get("quantities")]
-        if not runs:
-            continue
-        means = mean_flatness(runs)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g.replace(" / ", "__"))
-        write_text(out / "flatness" / f"{safe}.json", json.dumps(
-            {"group": g, "tasks": names, "runs": len(runs), "quantities": means}, indent=2) + "\n")
-        for key, matrix in means.items():
-            quantity, space = key.split("/", 1)
-            label = FLATNESS_TITLES.get(quantity, quantity) + ("" if quantity == "line" else f" ({space} parameters)")
-            path = plot_flatness_matrix(matrix, out / "flatness" / f"{safe}__{key.replace('/', '_')}.png", names,
-                                        f"{g}: {label}", label)
-            what = ("the barrier of task i's loss on the line from the weights after task i to those after task j"
-                    if quantity == "line" else f"{label} of task i's loss at the weights after task j")
-            figures.append(Figure(path, f"{g}, mean over {len(runs)} run(s): {what}; hatched: undefined.", small=True))
-    return figures
-
-
 def interpolation_caption(interpolation: Mapping[str, Any], reference: Optional[str], seed: int,
                           samples: Optional[int] = None) -> str:
     """The caption of ``interpolation.png``: what the curves are, and how many of their points
@@ -379,7 +265,7 @@ def write_figures(out: Path, config: Any, records: Sequence[dict], interpolation
         if config.continual:
             figures["Continual learning"] = write_continual_figures(out, records, log, colours)
             if any((r.get("flatness") or {}).get("quantities") for r in records):
-                figures["Flatness across tasks"] = write_flatness_figures(out, records)
+                figures["Flatness across tasks"] = write_flatness_figures(out, records, colours)
         else:
             evals = sorted({len(r["curves"]["eval_step"]) for r in records})
             seeds = sorted({len(rs) for rs in group_records(records).values()})

@@ -32,7 +32,7 @@ from .records import read_record, record_problem
 #: continual settings are narrowed to the unit's strategy and order; the rest (names, paths, the
 #: device spec, what is saved or logged) does not change a result. Every other field is in.
 NOT_IN_FINGERPRINT = ("name", "out_dir", "device", "seeds", "methods", "optimizer", "lr", "momentum", "weight_decay",
-                      "save_models", "tensorboard", "loggers", "continual")
+                      "save_models", "tensorboard", "loggers", "continual", "compare")
 
 #: Fields added after the first runs: at these defaults they stay out of the fingerprint, so the
 #: records made before them are still ``done``.
