@@ -122,6 +122,22 @@ def test_every_test_accuracy_evaluation_is_in_view(tmp_path, drawn):
         assert acc.get_xlim()[0] <= 0 == x[0]
 
 
+def test_a_wide_loss_band_keeps_the_log_axis_readable_and_train_accuracy_is_dashed(tmp_path, drawn):
+    """Seeds far apart (std above the mean) must not stretch the log axis to 1e-12; with eval_train
+    each method's training-set accuracy is drawn dashed beside its test accuracy."""
+    records = [_record("sgd", s) for s in range(3)]  # one seed 100× the others: std above the mean
+    records[2]["curves"]["train_loss"] = [v * 100 for v in records[2]["curves"]["train_loss"]]
+    for r in records:
+        r["curves"]["train_acc"] = [0.1, 0.6, 0.99]
+    plots.plot_learning_curves(records, tmp_path / "curves.png")
+    loss, acc = drawn[0].axes
+    lowest_mean = min(min(line.get_ydata()) for line in loss.get_lines())
+    assert loss.get_ylim()[0] > lowest_mean / 20
+    dashed = [line for line in acc.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == pytest.approx([10.0, 60.0, 99.0])
+    assert "dashed: train" in acc.get_title()
+
+
 def test_continual_curves_are_told_apart_and_tasks_named(tmp_path, drawn):
     records = [_continual_record(m, s, seed) for seed in (0, 1) for s in ("seq-lora", "o-lora") for m in ("sgd", "sam")]
     plots.plot_continual(records, tmp_path / "continual.png")

@@ -78,7 +78,8 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], path: os.PathLike | 
         mean, std = _band([_window_means(r["curves"]["train_loss"], window)[1] for r in runs])
         x = x[:len(mean)]
         ax_loss.plot(x, mean, color=colour, label=name, lw=1.5)
-        ax_loss.fill_between(x, np.maximum(mean - std, 1e-12), mean + std, color=colour, alpha=0.2, lw=0)
+        # on the log axis a band reaching 0 would stretch it to 1e-12: at most a decade below the mean
+        ax_loss.fill_between(x, np.maximum(mean - std, 0.1 * mean), mean + std, color=colour, alpha=0.2, lw=0)
         x = np.asarray(runs[0]["curves"]["eval_step"])
         mean, std = _band([r["curves"]["test_acc"] for r in runs])
         x = x[:len(mean)]
