@@ -85,10 +85,11 @@ def experiment_overrides(args: argparse.Namespace, config: ExperimentConfig) -> 
     if args.methods:
         selected = _select_methods(config, args.methods)
         flags += _flag("methods", selected, f"--methods {','.join(args.methods)}")
-        # the config's extra comparisons among the methods kept (a pair with a method left out has nothing to compare)
+        # the config's extra comparisons among the methods kept (a pair with one left out compares nothing)
         kept = set(replace(config, methods=selected, compare=[]).expanded_methods())
         if config.compare:
-            flags += _flag("compare", [p for p in config.compare if set(p) <= kept], f"--methods {','.join(args.methods)}")
+            flags += _flag("compare", [p for p in config.compare if set(p) <= kept],
+                           f"--methods {','.join(args.methods)}")
     flags += _flag("seeds", args.seeds, f"--seeds {','.join(map(str, args.seeds or []))}")
     flags += _flag("epochs", args.epochs, f"--epochs {args.epochs}")
     flags += _flag("device", args.device, f"--device {args.device}")

@@ -111,7 +111,8 @@ def paired_comparisons(records: Sequence[dict], pairs: Sequence[Sequence[str]] =
         return []
     groups = group_records(records)
     ref = reference_method(records)
-    out = [_compare(label, runs, ref, groups[ref]) for label, runs in groups.items() if ref is not None and label != ref]
+    out = [_compare(label, runs, ref, groups[ref]) for label, runs in groups.items()
+           if ref is not None and label != ref]
     out += [_compare(a, groups[a], b, groups[b]) for a, b in pairs if a in groups and b in groups]
     return out
 

@@ -78,7 +78,8 @@ def write_results(out: Path, config: ExperimentConfig, records: list[dict], wall
     write_json(out / "results.json", {
         "config": config.to_dict(), "reference": ref, "wall_time_s": wall_time,
         "unit_wall_time_s": provenance["unit_wall_time_s"], "invocations": provenance["invocations"],
-        "summary": rows, "paired": paired_comparisons(records, config.compare), "tables": [t.to_dict() for t in tables], "runs": [f"runs/{r['unit']}.json" for r in records],
+        "summary": rows, "paired": paired_comparisons(records, config.compare), "tables": [t.to_dict() for t in tables],
+        "runs": [f"runs/{r['unit']}.json" for r in records],
         "unfinished": list(unfinished), "provenance": provenance,
         "diagnostics": {r["unit"]: r["diagnostics"] for r in records if "diagnostics" in r},
         "continual": {r["unit"]: {"accuracy": r["accuracy"], "metrics": r["metrics"], "lambda_max": r["lambda_max"]}
