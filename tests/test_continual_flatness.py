@@ -331,13 +331,13 @@ def test_report_tables_figures_and_page(tmp_path):
     assert html.count("<img") == 1 + 4 + 6 + 2
     assert (tmp_path / "flatness" / "forgetting_vs_lambda_max_all.png").is_file()
     from flatminima.continual.metrics import forgetting_per_task
-    from flatminima.experiment.flatness_figures import flatness_forgetting_points
+    from flatminima.continual.flatness import flatness_forgetting_points
 
     r = runs[0]
     xs, ys = flatness_forgetting_points(r, "lora")
     T = len(r["tasks"])
     assert xs == [r["flatness"]["quantities"]["lambda_max/lora"][i][i] for i in range(T - 1)]
-    assert ys == [100 * f for f in forgetting_per_task(r["accuracy"][r["scenario"]])[:T - 1]]
+    assert ys == [f for f in forgetting_per_task(r["accuracy"][r["scenario"]])[:T - 1]]
     assert (tmp_path / "matrices" / "sam__o-lora__class.png").is_file()
     saved = json.loads((tmp_path / "flatness" / "sam__o-lora.json").read_text())
     # λ_max[1][1] = 1 + seed + 2, averaged over seeds 0 and 1 (seed 2 has no flatness)

@@ -59,7 +59,7 @@ from ..lora import lora_layers
 from .metrics import forgetting_per_task
 
 __all__ = ["QUANTITIES", "SPACES", "PerTaskFlatness", "direct_flatness", "embed_state",
-           "flatness_forgetting_correlation",
+           "flatness_forgetting_correlation", "flatness_forgetting_points",
            "line_barrier", "line_losses", "load_checkpoint", "restore_checkpoint"]
 
 QUANTITIES = ("lambda_max", "trace", "line")
@@ -307,9 +307,12 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> Optional[float]:
     return None if den == 0 else float((dx * dy).sum() / den)
 
 
-def _points(record: Mapping[str, Any], key: str, evaluation: Optional[str]) -> tuple[list[float], list[float]]:
-    """One unit's ``(flatness of task i right after learning it, forgetting of task i)``, ``i < T − 1``."""
-    matrix = ((record.get("flatness") or {}).get("quantities") or {}).get(key)
+def flatness_forgetting_points(record: Mapping[str, Any], space: str, quantity: str = "lambda_max",
+                               evaluation: Optional[str] = None) -> tuple[list[float], list[float]]:
+    """One unit's ``(flatness of task i right after learning it, forgetting of task i)`` for
+    ``i < T − 1`` (forgetting as a fraction, on ``evaluation``, default the training scenario):
+    the points :func:`flatness_forgetting_correlation` correlates; empty without flatness."""
+    matrix = ((record.get("flatness") or {}).get("quantities") or {}).get(f"{quantity}/{space}")
     evaluation = evaluation or record.get("scenario") or next(iter(record["accuracy"]))
     accuracy = record.get("accuracy", {}).get(evaluation)
     if matrix is None or accuracy is None:
@@ -341,7 +344,7 @@ def flatness_forgetting_correlation(records: Sequence[Mapping[str, Any]], space:
     check("quantity", quantity in ("lambda_max", "trace"), quantity, "'lambda_max' or 'trace'")
     check_int("resamples", resamples, 1)
     check("level", isinstance(level, float) and 0 < level < 1, level, "a float in (0, 1)")
-    units = [p for p in (_points(r, f"{quantity}/{space}", evaluation) for r in records) if p[0]]
+    units = [p for p in (flatness_forgetting_points(r, space, quantity, evaluation) for r in records) if p[0]]
     xs = np.asarray([x for u in units for x in u[0]], dtype=np.float64)
     ys = np.asarray([y for u in units for y in u[1]], dtype=np.float64)
     out: dict[str, Any] = {"n_units": len(units), "n_points": int(len(xs)), "pearson": _pearson(xs, ys),

@@ -15,7 +15,7 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 from .records import group_records
-from .tables import Cell, Table, reference_method
+from .tables import Cell, Table, mean_std, reference_method
 
 #: ``t_{0.975, df}`` for df = 1..30 (two-sided 95 %); beyond, the Cornish–Fisher expansion below.
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
@@ -39,21 +39,19 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     ``std`` are None for fewer than two pairs."""
     if len(a) != len(b) or not a:
         raise ValueError(f"a and b must be non-empty and of one length, got {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
+    n = len(a)
+    mean, std = mean_std([x - y for x, y in zip(a, b)])
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "ci": None}
-    std = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = t_quantile_975(n - 1) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci": (mean - half, mean + half)}
 
 
-def verdict(ci: Optional[Sequence[float]], higher: str = "higher", lower: str = "lower") -> str:
-    """``higher`` when the interval lies above 0, ``lower`` below, else "not established"."""
+def verdict(ci: Optional[Sequence[float]]) -> str:
+    """"higher" when the interval lies above 0, "lower" below, else "not established"."""
     if ci is None:
         return "not established (one seed)"
-    return higher if ci[0] > 0 else lower if ci[1] < 0 else "not established"
+    return "higher" if ci[0] > 0 else "lower" if ci[1] < 0 else "not established"
 
 
 def _final(key: str) -> Callable[[dict], Optional[float]]:

@@ -12,8 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .._files import write_text
-from ..continual.flatness import flatness_forgetting_correlation
-from ..continual.metrics import forgetting_per_task
+from ..continual.flatness import flatness_forgetting_correlation, flatness_forgetting_points
 from .figure_style import STRATEGY_STYLES, method_colours, plain, pyplot, save_figure, task_labels
 from .records import group_records
 from .report import Figure
@@ -90,18 +89,6 @@ def write_flatness_figures(out: Path, records: Sequence[dict],
     return figures
 
 
-def flatness_forgetting_points(record: Mapping[str, Any], space: str) -> tuple[list[float], list[float]]:
-    """``(λ_max of task i right after learning it, its final forgetting in %)`` for the tasks before
-    the last, in the record's training scenario: the points
-    :func:`~flatminima.continual.flatness.flatness_forgetting_correlation` correlates."""
-    matrix = ((record.get("flatness") or {}).get("quantities") or {}).get(f"lambda_max/{space}")
-    if matrix is None:
-        return [], []
-    forgetting = forgetting_per_task(record["accuracy"][record["scenario"]])
-    pairs = [(matrix[i][i], 100 * f) for i, f in enumerate(forgetting[:-1]) if matrix[i][i] is not None]
-    return [x for x, _ in pairs], [y for _, y in pairs]
-
-
 def plot_flatness_forgetting(records: Sequence[dict[str, Any]], path: os.PathLike | str, space: str,
                              colours: Optional[Mapping[str, str]] = None) -> os.PathLike | str:
     """λ_max of each task right after it was learned (log x) against its forgetting at the end, one
@@ -114,7 +101,7 @@ def plot_flatness_forgetting(records: Sequence[dict[str, Any]], path: os.PathLik
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     for g, runs in groups.items():
         points = [flatness_forgetting_points(r, space) for r in runs]
-        xs, ys = [x for p in points for x in p[0]], [y for p in points for y in p[1]]
+        xs, ys = [x for p in points for x in p[0]], [100 * y for p in points for y in p[1]]
         if not xs:
             continue
         c = flatness_forgetting_correlation(runs, space)

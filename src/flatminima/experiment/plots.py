@@ -20,8 +20,8 @@ import numpy as np
 from .._files import atomic_path
 from ..continual.metrics import save_accuracy_matrix
 from ..diagnostics.plots import nonfinite_points, plain_log_ticks, plot_interpolations
-from .figure_style import (PALETTE, STRATEGY_STYLES, figures_skipped, method_colours, plain, pyplot,  # noqa: F401
-                           save_figure, task_labels)
+from .figure_style import (STRATEGY_STYLES, figures_skipped, method_colours, plain, pyplot, save_figure,
+                           task_labels)
 from .flatness_figures import write_flatness_figures
 from .records import group_records
 from .report import Figure
